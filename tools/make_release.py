@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""Write the student version of the assignment from this reference solution.
+
+Usage::
+
+    python tools/make_release.py OUT_DIR [--force]
+
+Every region of the reference code wrapped as::
+
+        # BEGIN SOLUTION (part_name): what the student implements.
+        ...reference code...
+        # END SOLUTION
+
+becomes, at the same indentation::
+
+        # TODO (part_name): what the student implements.
+        raise NotImplementedError("part_name: what the student implements.")
+
+Docstrings, signatures and provided code are kept. The notebooks are copied with their
+outputs cleared, and the tests, README, requirements and CI files are copied unchanged so
+the student can run the same checks locally (``pytest tests``) and the instructor can
+grade the folder with ``python tools/grade.py OUT_DIR``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import List, Tuple
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Python modules whose solution regions are replaced.
+MODULES = ("fcos.py", "two_stage_detector.py", "a5_helper.py")
+NOTEBOOKS = ("fcos.ipynb", "faster_rcnn.ipynb")
+# Copied as they are.
+VERBATIM = ("README.md", "requirements.txt", "pytest.ini", "conftest.py", ".gitignore")
+VERBATIM_DIRS = ("tests", "tools", ".ci")
+
+BEGIN = re.compile(r"^(?P<indent>[ \t]*)# BEGIN SOLUTION \((?P<part>[\w.-]+)\):\s*(?P<what>.*?)\s*$")
+END = re.compile(r"^[ \t]*# END SOLUTION\s*$")
+
+
+class MarkerError(ValueError):
+    """A malformed solution region (unclosed, nested, or an END without BEGIN)."""
+
+
+def strip_solutions(source: str, filename: str = "<source>") -> Tuple[str, List[str]]:
+    """Replace every solution region of ``source`` by a TODO block.
+
+    Returns:
+        The student source, and the part names of the replaced regions in order.
+
+    Raises:
+        MarkerError: naming ``filename`` and the line of a malformed region.
+    """
+    out: List[str] = []
+    parts: List[str] = []
+    open_line = None
+    for lineno, line in enumerate(source.splitlines(keepends=True), start=1):
+        begin, end = BEGIN.match(line), END.match(line)
+        if begin:
+            if open_line is not None:
+                raise MarkerError(f"{filename}:{lineno}: BEGIN SOLUTION inside the region opened at line {open_line}")
+            open_line = lineno
+            indent, part, what = begin["indent"], begin["part"], begin["what"]
+            message = f"{part}: {what}".replace("\\", "\\\\").replace('"', '\\"')
+            out.append(f"{indent}# TODO ({part}): {what}\n")
+            out.append(f'{indent}raise NotImplementedError("{message}")\n')
+            parts.append(part)
+        elif end:
+            if open_line is None:
+                raise MarkerError(f"{filename}:{lineno}: END SOLUTION without a BEGIN SOLUTION")
+            open_line = None
+        elif open_line is None:
+            out.append(line)
+    if open_line is not None:
+        raise MarkerError(f"{filename}:{open_line}: BEGIN SOLUTION is never closed")
+    return "".join(out), parts
+
+
+def clear_notebook(text: str) -> str:
+    """Return the notebook JSON with outputs and execution counts removed."""
+    notebook = json.loads(text)
+    for cell in notebook.get("cells", []):
+        if cell.get("cell_type") == "code":
+            cell["outputs"] = []
+            cell["execution_count"] = None
+    return json.dumps(notebook, indent=1, ensure_ascii=False) + "\n"
+
+
+def make_release(out_dir: Path, force: bool = False) -> List[str]:
+    """Write the student release into ``out_dir``; return the replaced part names."""
+    out_dir = out_dir.resolve()
+    if out_dir == REPO_ROOT:
+        raise SystemExit(f"refusing to write the release over the reference in {out_dir}")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not force:
+            raise SystemExit(f"{out_dir} is not empty; pass --force to replace it")
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    replaced: List[str] = []
+    for name in MODULES:
+        source = (REPO_ROOT / name).read_text()
+        student, parts = strip_solutions(source, name)
+        # The student file must still be valid Python.
+        compile(student, str(out_dir / name), "exec")
+        (out_dir / name).write_text(student)
+        replaced += parts
+    for name in NOTEBOOKS:
+        if (REPO_ROOT / name).exists():
+            (out_dir / name).write_text(clear_notebook((REPO_ROOT / name).read_text()))
+    for name in VERBATIM:
+        if (REPO_ROOT / name).exists():
+            shutil.copy2(REPO_ROOT / name, out_dir / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
+    for name in VERBATIM_DIRS:
+        if (REPO_ROOT / name).exists():
+            shutil.copytree(REPO_ROOT / name, out_dir / name, ignore=ignore)
+    return replaced
+
+
+def main(argv: List[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", type=Path, help="folder to write the student version into")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty out_dir")
+    args = parser.parse_args(argv)
+    parts = make_release(args.out_dir, force=args.force)
+    print(f"wrote the student release to {args.out_dir} ({len(parts)} regions: {', '.join(sorted(set(parts)))})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
