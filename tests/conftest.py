@@ -30,10 +30,8 @@ SUBMISSION = Path(os.environ.get("A5_SUBMISSION", REPO_ROOT)).resolve()
 # The graded code goes first on sys.path so that `import fcos` finds the submission.
 sys.path.insert(0, str(SUBMISSION))
 
-# Offline defaults for data and weights. Set before torchvision reads TORCH_HOME.
-_shared = REPO_ROOT.parent / "shared"
-os.environ.setdefault("VOC_ROOT", str(_shared / "data"))
-os.environ.setdefault("TORCH_HOME", str(_shared / "weights"))
+# VOC_ROOT and TORCH_HOME defaults (../shared/data, ../shared/weights) are set by the
+# repository's root conftest.py, which pytest loads first.
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -1,0 +1,517 @@
+"""Accuracy of our detectors next to torchvision's, trained and evaluated the same way.
+
+    # CPU: frozen ImageNet MobileNetV2, features cached once, heads trained from the cache
+    python benchmarks/accuracy.py --detector all --impl ours,torchvision --iters 3000
+    # a quick look (a few minutes): fewer images and iterations
+    python benchmarks/accuracy.py --detector fcos --iters 200 --max-train-images 400 --max-val-images 300
+    # GPU: the course's end-to-end schedule
+    python benchmarks/accuracy.py --mode end-to-end --device cuda --iters 9000 --lr 0.005 --schedule step
+
+One command trains and evaluates every requested (detector, implementation) pair with
+
+* the same data: VOC2007 ``train`` (2500 images) at 224 px; in ``frozen-cache`` mode the
+  frozen backbone's c3/c4/c5 features of every image and variant (``orig``, ``flip``) are
+  computed once by ``a5_helper.build_feature_cache`` and shared by all runs;
+* the same starting point: ImageNet MobileNetV2 weights (offline in ``TORCH_HOME``), the
+  same seed for the new layers' initialisation and for the data order;
+* the same training loop: ``a5_helper.train_detector`` (SGD, warm-up, cosine or step
+  decay, gradient clipping, checkpoints with exact resume). torchvision's ``FCOS`` and
+  ``FasterRCNN`` run through ``tv_adapters.TorchvisionDetector``, configured like ours;
+* the same evaluation: all of VOC2007 ``val`` (2508 images, whole image, no crop),
+  predictions mapped back to original pixels, ``a5_helper.compute_voc_map`` (devkit rules,
+  difficult objects ignored) with all-point and 11-point (VOC07) AP at IoU 0.5, per class,
+  plus pycocotools' COCO AP as a cross-check. In ``frozen-cache`` mode the val features come
+  from a cache too (the same frozen backbone, stored in float16).
+
+Long runs survive interruption: every run checkpoints to ``OUT/<detector>_<impl>/last.pt``
+and re-running the same command resumes it (finished runs are not retrained; wall time is
+accumulated across resumes). Outputs in ``OUT``: ``<run>/metrics.json`` and
+``<run>/history.json`` per run, ``results.md`` (all runs), ``loss_curves.png`` and
+``detections_<detector>.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+try:
+    from . import common  # type: ignore
+except ImportError:  # script mode: benchmarks/ is sys.path[0]
+    import common  # type: ignore
+
+import torch  # noqa: E402
+from torch.utils.data import DataLoader, Subset  # noqa: E402
+
+DETECTORS = ("fcos", "faster_rcnn")
+IMPLS = ("ours", "torchvision")
+NAMES = {"fcos": "FCOS", "faster_rcnn": "Faster R-CNN", "ours": "ours", "torchvision": "torchvision"}
+
+
+# --------------------------------------------------------------------------------------
+# Data and feature caches
+# --------------------------------------------------------------------------------------
+
+
+def _first_n(dataset, n: Optional[int]):
+    return Subset(dataset, list(range(min(n, len(dataset))))) if n else dataset
+
+
+def load_datasets(args: argparse.Namespace):
+    """VOC2007 train (augmented in end-to-end mode) and val (evaluation transform)."""
+    import a5_helper as H
+
+    train = H.VOC2007DetectionTiny(args.data_dir, "train", image_size=args.image_size,
+                                   augment=args.mode == "end-to-end")
+    val = H.VOC2007DetectionTiny(args.data_dir, "val", image_size=args.image_size, augment=False)
+    return _first_n(train, args.max_train_images), _first_n(val, args.max_val_images)
+
+
+def frozen_backbone(args: argparse.Namespace) -> torch.nn.Module:
+    """The frozen backbone whose features all runs share (its FPN layers are unused)."""
+    import fcos
+
+    return fcos.DetectorBackboneWithFPN(64, backbone=args.backbone, pretrained=args.pretrained, freeze_backbone=True)
+
+
+def build_cache(backbone: torch.nn.Module, dataset, variants: Sequence[str], cache_dir: Path,
+                args: argparse.Namespace) -> Tuple[Any, Dict[str, Any]]:
+    """``a5_helper.build_feature_cache`` on disk, with its build time remembered.
+
+    The time of the run that built the cache is stored next to it (``timing.json``), so
+    that later runs, which only load it, still report what building it cost.
+    """
+    import a5_helper as H
+
+    start = time.time()
+    cache = H.build_feature_cache(backbone, dataset, variants, cache_dir=cache_dir, batch_size=args.cache_batch_size,
+                                  device=args.device, num_workers=args.num_workers, progress=not args.no_progress)
+    seconds = time.time() - start
+    timing_file = cache_dir / "timing.json"
+    key = cache.meta.get("key")
+    stored = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
+    if stored.get("key") != key:  # built by this call
+        stored = {"key": key, "build_seconds": seconds, "images": len(dataset), "variants": list(variants),
+                  "machine": common.machine_line(common.machine_info(torch.device(args.device)))}
+        timing_file.write_text(json.dumps(stored, indent=1))
+    return cache, {"build_seconds": stored["build_seconds"], "this_call_seconds": seconds,
+                   "images": len(dataset), "variants": list(variants), "dir": str(cache_dir)}
+
+
+# --------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------
+
+
+def pair_config(kind: str, args: argparse.Namespace) -> "common.PairConfig":
+    cfg = common.PairConfig(backbone=args.backbone, pretrained=args.pretrained,
+                            freeze_backbone=args.mode == "frozen-cache", image_size=args.image_size,
+                            score_thresh=args.score_thresh, nms_thresh=args.nms_thresh)
+    cfg.fcos.tv_head_norm = args.tv_fcos_head_norm
+    if args.small:  # tiny widths, for smoke tests only
+        cfg.fcos.fpn_channels, cfg.fcos.stem_channels = 32, (32, 32)
+        cfg.faster_rcnn.fpn_channels = 32
+        cfg.faster_rcnn.rpn_stem_channels = cfg.faster_rcnn.roi_stem_channels = (32, 32)
+    return cfg
+
+
+def build_model(kind: str, impl: str, args: argparse.Namespace) -> torch.nn.Module:
+    """Ours, or torchvision's configured like ours with a copy of our (frozen) backbone."""
+    cfg = pair_config(kind, args)
+    ours = common.build_ours(kind, cfg)
+    if impl == "ours":
+        return ours
+    return common.build_torchvision(kind, cfg, ours)
+
+
+def run_config(kind: str, impl: str, args: argparse.Namespace) -> Dict[str, Any]:
+    """Everything that defines a run; a resumed run must match it exactly."""
+    cfg = pair_config(kind, args)
+    return {
+        "detector": kind, "impl": impl, "mode": args.mode, "model": common.ours_model_config(kind, cfg),
+        "tv_fcos_head_norm": args.tv_fcos_head_norm if impl == "torchvision" and kind == "fcos" else None,
+        "iters": args.iters, "batch_size": args.batch_size, "lr": args.lr, "schedule": args.schedule,
+        "warmup_iters": args.warmup_iters, "weight_decay": args.weight_decay, "grad_clip": args.grad_clip,
+        "seed": args.seed, "cache_variants": list(args.cache_variants) if args.mode == "frozen-cache" else None,
+        "max_train_images": args.max_train_images, "image_size": args.image_size,
+    }
+
+
+# --------------------------------------------------------------------------------------
+# Training (a5_helper.train_detector, resumable) and evaluation
+# --------------------------------------------------------------------------------------
+
+
+def _previous_wall_seconds(checkpoint: Path) -> float:
+    """Training wall time accumulated up to the checkpoint we resume from."""
+    if not checkpoint.is_file():
+        return 0.0
+    import a5_helper as H
+
+    history = H.load_checkpoint(checkpoint).get("history") or {}
+    marks = [v.get("wall_seconds") for v in history.get("val", []) if isinstance(v, dict)]
+    marks = [m for m in marks if m is not None]
+    return float(marks[-1]) if marks else 0.0
+
+
+def train_run(model: torch.nn.Module, loader: DataLoader, run_dir: Path, config: Dict[str, Any],
+              args: argparse.Namespace) -> Tuple[Dict[str, list], float]:
+    """Train (or resume) one run; returns the loss history and the total training seconds.
+
+    Wall time across interruptions: ``train_detector`` calls ``val_fn`` right before it
+    writes each checkpoint, and stores its result in the checkpointed history; ours just
+    returns the elapsed training time, so a resumed run continues the count.
+    """
+    import a5_helper as H
+
+    checkpoint = run_dir / "last.pt"
+    prior = _previous_wall_seconds(checkpoint)
+    start = time.time()
+
+    def clock(_model: torch.nn.Module) -> Dict[str, float]:
+        return {"wall_seconds": prior + time.time() - start}
+
+    history = H.train_detector(
+        model, loader, learning_rate=args.lr, weight_decay=args.weight_decay, max_iters=args.iters,
+        log_period=args.log_period, device=args.device, lr_schedule=args.schedule, warmup_iters=args.warmup_iters,
+        grad_clip=args.grad_clip if args.grad_clip > 0 else None, amp=args.amp, checkpoint_dir=run_dir,
+        checkpoint_period=args.checkpoint_period, resume=True, seed=args.seed, progress=not args.no_progress,
+        val_fn=clock, val_period=args.checkpoint_period, model_config=config,
+    )
+    marks = [v["wall_seconds"] for v in history.get("val", []) if isinstance(v, dict) and "wall_seconds" in v]
+    return history, (marks[-1] if marks else prior + time.time() - start)
+
+
+@torch.no_grad()
+def collect_cached_predictions(model: torch.nn.Module, cache, val_set, args: argparse.Namespace):
+    """Like ``a5_helper.collect_predictions``, reading the val images' cached features.
+
+    Row ``i`` of the cache is item ``i`` of ``val_set`` (variant "orig": the whole image,
+    no crop). Boxes are mapped back to original pixels and compared with every annotated
+    object of the image (``get_annotation``: difficult ones included, flagged).
+    """
+    import a5_helper as H
+
+    base, base_indices = H._unwrap_subset(val_set)
+    class_names = [base.idx_to_class[i] for i in sorted(base.idx_to_class)]
+    device = torch.device(args.device)
+    model.to(device).eval()
+    ground_truths: Dict[str, list] = {}
+    detections: List[tuple] = []
+    for first in range(0, len(base_indices), args.eval_batch_size):
+        rows = list(range(first, min(first + args.eval_batch_size, len(base_indices))))
+        _, feats, _ = cache.get_batch(rows, [0] * len(rows))
+        feats = {k: v.to(device) for k, v in feats.items()}
+        outputs = H.predict_batch(model, feats, args.eval_score_thresh, args.eval_nms_thresh)
+        for row, out in zip(rows, outputs):
+            index = base_indices[row]
+            image_id = base.image_id(index)
+            labels = out["labels"].cpu().long()
+            scores, boxes = out["scores"].float().cpu(), out["boxes"].float().cpu()
+            top = scores.argsort(descending=True)[: args.max_detections]
+            boxes = base.boxes_to_original(boxes[top], index)
+            ground_truths[image_id] = base.get_annotation(index)
+            for box, label, score in zip(boxes.tolist(), labels[top].tolist(), scores[top].tolist()):
+                detections.append((image_id, class_names[label], score, box))
+    return ground_truths, detections, class_names
+
+
+def evaluate_run(model: torch.nn.Module, val_set, val_cache, args: argparse.Namespace) -> Dict[str, Any]:
+    """VOC AP@0.5 all-point and 11-point (per class) + COCO cross-check, timed."""
+    import a5_helper as H
+
+    start = time.time()
+    if val_cache is not None:
+        gts, dets, class_names = collect_cached_predictions(model, val_cache, val_set, args)
+    else:
+        gts, dets = H.collect_predictions(model, val_set, batch_size=args.eval_batch_size,
+                                          score_thresh=args.eval_score_thresh, nms_thresh=args.eval_nms_thresh,
+                                          device=args.device, num_workers=args.num_workers,
+                                          max_detections=args.max_detections, progress=not args.no_progress)
+        class_names = list(H.VOC_CLASSES)
+    voc = H.compute_voc_map(gts, dets, class_names, 0.5, use_07_metric=False)
+    voc07 = H.compute_voc_map(gts, dets, class_names, 0.5, use_07_metric=True)
+    coco = H.compute_coco_map(gts, dets, class_names) if args.coco else {}
+    return {
+        "mAP": voc["mAP"], "mAP_07": voc07["mAP"],
+        "per_class": voc["per_class"], "per_class_07": voc07["per_class"],
+        "coco_mAP": coco.get("mAP"), "coco_AP50": coco.get("AP50"),
+        "num_images": len(gts), "num_detections": len(dets), "eval_seconds": time.time() - start,
+    }
+
+
+# --------------------------------------------------------------------------------------
+# Report: results.md, loss curves, detection pictures
+# --------------------------------------------------------------------------------------
+
+
+def _fmt_seconds(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "n/a"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
+
+
+def _pct(x: Optional[float]) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def results_markdown(out: Path) -> str:
+    """The table of every finished run under ``out`` (+ per-class AP), as markdown."""
+    runs = []
+    for path in sorted(out.glob("*/metrics.json")):
+        runs.append(json.loads(path.read_text()))
+    if not runs:
+        return "(no finished runs)\n"
+    rows = []
+    for m in runs:
+        c = m["config"]
+        mode = "frozen backbone, feature cache" if c["mode"] == "frozen-cache" else "end-to-end"
+        schedule = f"{c['iters']} it x {c['batch_size']}, lr {c['lr']} {c['schedule']}"
+        t = m["timing"]
+        rows.append([NAMES[c["detector"]], m["impl"], c["model"]["kwargs"]["backbone"], mode, schedule,
+                     _pct(m["val"]["mAP"]), _pct(m["val"]["mAP_07"]), _pct(m["val"].get("coco_mAP")),
+                     _fmt_seconds(t["train_seconds"]), _fmt_seconds(t["eval_seconds"]),
+                     f"{m['val']['num_images']}", m["machine_line"]])
+    header = ["detector", "impl", "backbone", "mode", "schedule", "mAP@0.5 all-point (%)", "mAP@0.5 VOC07 11-pt (%)",
+              "COCO mAP (%)", "training time", "eval time", "val images", "machine, date"]
+    text = common.markdown_table(header, rows) + "\n"
+    caches = {json.dumps(m["timing"].get("cache"), sort_keys=True) for m in runs if m["timing"].get("cache")}
+    for cache in sorted(caches):
+        info = json.loads(cache)
+        for split, v in info.items():
+            text += (f"\nFeature cache ({split}): {v['images']} images x {len(v['variants'])} variants "
+                     f"({', '.join(v['variants'])}), built in {_fmt_seconds(v['build_seconds'])}.")
+    text += "\n\nAP@0.5 per class (all-point, %):\n\n"
+    classes = list(runs[0]["val"]["per_class"])
+    per_rows = [[f"{NAMES[m['config']['detector']]} ({m['impl']})"] +
+                [_pct(m["val"]["per_class"].get(cls)) for cls in classes] for m in runs]
+    text += common.markdown_table(["run"] + classes, per_rows) + "\n"
+    commands = sorted({m["command"] for m in runs if m.get("command")})
+    if commands:
+        text += "\nCommands:\n\n" + "\n".join(f"    {c}" for c in commands) + "\n"
+    return text
+
+
+def plot_loss_curves(out: Path, histories: Dict[Tuple[str, str], Dict[str, list]]) -> Optional[Path]:
+    """Smoothed total training loss per detector, ours vs torchvision (small PNG).
+
+    The two implementations normalise their losses differently (e.g. our FCOS divides by
+    an EMA of the foreground count), so compare the shapes, not the absolute values.
+    """
+    import a5_helper as H
+
+    if not histories:
+        return None
+    plt = H._pyplot()
+    kinds = sorted({k for k, _ in histories}, key=DETECTORS.index)
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 3.0), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        for impl in IMPLS:
+            h = histories.get((kind, impl))
+            if not h or not h.get("total_loss"):
+                continue
+            window = max(1, min(50, len(h["total_loss"]) // 10))
+            ax.plot(h["iteration"], H.smooth_curve(h["total_loss"], window), label=impl, linewidth=1.5)
+        ax.set_title(f"{NAMES[kind]}: training loss", fontsize=10)
+        ax.set_xlabel("iteration", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "loss_curves.png"
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def plot_detections(out: Path, kind: str, models: Dict[str, torch.nn.Module], val_set, val_cache,
+                    args: argparse.Namespace) -> Optional[Path]:
+    """One val image with the detections (score >= 0.4) of each implementation (small PNG)."""
+    import a5_helper as H
+    from matplotlib.patches import Rectangle
+
+    if not models:
+        return None
+    plt = H._pyplot()
+    base, base_indices = H._unwrap_subset(val_set)
+    row = min(args.picture_index, len(base_indices) - 1)
+    _, image, gt = base.get_variant(base_indices[row], "orig")
+    if val_cache is not None:
+        _, x, _ = val_cache.get_batch([row], [0])
+    else:
+        x = image[None]
+    device = torch.device(args.device)
+    x = {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
+    fig, axes = plt.subplots(1, len(models), figsize=(3.2 * len(models), 3.4), squeeze=False)
+    for ax, (impl, model) in zip(axes[0], models.items()):
+        pred = H.predict_batch(model.to(device), x, 0.4, args.eval_nms_thresh)[0]
+        ax.imshow(H.unnormalize_image(image).permute(1, 2, 0).numpy())
+        for box in gt[gt[:, 4] >= 0].tolist():
+            ax.add_patch(Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False,
+                                   edgecolor="red", linewidth=1.5))
+        for box, label, score in zip(pred["boxes"].tolist(), pred["labels"].tolist(), pred["scores"].tolist()):
+            ax.add_patch(Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False,
+                                   edgecolor=(0.0, 0.8, 0.2), linewidth=1.5))
+            ax.text(box[0], box[1], f"{base.idx_to_class[label]} {score:.2f}", fontsize=6, color="white",
+                    verticalalignment="top", bbox={"facecolor": (0.0, 0.6, 0.2), "alpha": 0.7, "pad": 1,
+                                                   "edgecolor": "none"})
+        ax.set_title(f"{NAMES[kind]} ({impl})", fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    path = out / f"detections_{kind}.png"
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    import a5_helper as H
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--detector", default="all", choices=("fcos", "faster_rcnn", "all"))
+    p.add_argument("--impl", default="ours,torchvision", help="comma-separated: ours, torchvision")
+    p.add_argument("--mode", default="frozen-cache", choices=("frozen-cache", "end-to-end"),
+                   help="frozen-cache: frozen pretrained backbone, features cached once (CPU); "
+                        "end-to-end: the whole network trains on augmented images (GPU)")
+    p.add_argument("--iters", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--schedule", default="cosine", choices=("cosine", "step"))
+    p.add_argument("--warmup-iters", type=int, default=None, help="default: min(500, iters / 10)")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--grad-clip", type=float, default=10.0, help="0 disables")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="mixed precision (default: on for CUDA, off on CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backbone", default="mobilenet_v2")
+    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
+                   help="ImageNet backbone weights (offline: TORCH_HOME)")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--cache-variants", type=lambda s: [v.strip() for v in s.split(",") if v.strip()],
+                   default=["orig", "flip"], help="train-image variants cached: orig, flip, jitter0, ...")
+    p.add_argument("--cache-dir", default=None, help="feature caches (default: OUT/cache)")
+    p.add_argument("--cache-batch-size", type=int, default=32)
+    p.add_argument("--tv-fcos-head-norm", default="groupnorm", choices=("groupnorm", "none"))
+    p.add_argument("--score-thresh", type=float, default=0.2, help=argparse.SUPPRESS)
+    p.add_argument("--nms-thresh", type=float, default=0.6, help=argparse.SUPPRESS)
+    p.add_argument("--eval-score-thresh", type=float, default=0.05)
+    p.add_argument("--eval-nms-thresh", type=float, default=0.5)
+    p.add_argument("--max-detections", type=int, default=100)
+    p.add_argument("--eval-batch-size", type=int, default=32)
+    p.add_argument("--coco", action=argparse.BooleanOptionalAction, default=True,
+                   help="also compute pycocotools' COCO mAP (cross-check)")
+    p.add_argument("--max-train-images", type=int, default=None)
+    p.add_argument("--max-val-images", type=int, default=None)
+    p.add_argument("--picture-index", type=int, default=3, help="val image drawn in detections_*.png")
+    p.add_argument("--data-dir", default=str(H.default_data_dir()))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--checkpoint-period", type=int, default=250)
+    p.add_argument("--log-period", type=int, default=50)
+    p.add_argument("--out", default="runs/bench")
+    p.add_argument("--retrain", action="store_true", help="delete existing checkpoints of the selected runs first")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--small", action="store_true", help=argparse.SUPPRESS)  # tiny widths, smoke tests
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    import a5_helper as H
+
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    given = sys.argv[1:] if argv is None else list(argv)
+    command = "python benchmarks/accuracy.py " + " ".join(shlex.quote(a) for a in given)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    kinds = list(DETECTORS) if args.detector == "all" else [args.detector]
+    impls = [i.strip() for i in args.impl.split(",") if i.strip()]
+    for impl in impls:
+        if impl not in IMPLS:
+            raise SystemExit(f"unknown --impl {impl!r}: use ours and/or torchvision")
+    device = torch.device(args.device)
+    machine = common.machine_info(device)
+
+    train_set, val_set = load_datasets(args)
+    train_cache = val_cache = None
+    cache_info: Dict[str, Any] = {}
+    if args.mode == "frozen-cache":
+        cache_root = Path(args.cache_dir) if args.cache_dir else out / "cache"
+        backbone = frozen_backbone(args)
+        train_cache, cache_info["train"] = build_cache(backbone, train_set, args.cache_variants,
+                                                       cache_root / "train", args)
+        val_cache, cache_info["val"] = build_cache(backbone, val_set, ["orig"], cache_root / "val", args)
+        del backbone
+        loader = DataLoader(train_cache, batch_size=args.batch_size, shuffle=True, collate_fn=H.collate_cached)
+    else:
+        loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers,
+                            pin_memory=device.type == "cuda", drop_last=True)
+
+    summary: Dict[str, Any] = {}
+    histories: Dict[Tuple[str, str], Dict[str, list]] = {}
+    for kind in kinds:
+        models: Dict[str, torch.nn.Module] = {}
+        for impl in impls:
+            name = f"{kind}_{impl}"
+            run_dir = out / name
+            run_dir.mkdir(parents=True, exist_ok=True)
+            config = run_config(kind, impl, args)
+            config_file = run_dir / "run_config.json"
+            if args.retrain:
+                for f in ("last.pt", "metrics.json", "history.json", "run_config.json"):
+                    (run_dir / f).unlink(missing_ok=True)
+            if config_file.is_file() and json.loads(config_file.read_text()) != json.loads(json.dumps(config)):
+                raise SystemExit(f"{run_dir} holds a run with another configuration (see {config_file}); "
+                                 "use another --out or --retrain")
+            config_file.write_text(json.dumps(config, indent=1))
+
+            H.reset_seed(args.seed)  # same initialisation seed for every model
+            model = build_model(kind, impl, args)
+            print(f"[accuracy] {name}: {common.num_parameters(model):,} trainable parameters, "
+                  f"{args.iters} iterations", flush=True)
+            history, train_seconds = train_run(model, loader, run_dir, config, args)
+            (run_dir / "history.json").write_text(json.dumps(history))
+            histories[(kind, impl)] = history
+            val = evaluate_run(model, val_set, val_cache, args)
+            metrics = {
+                "detector": kind, "impl": impl, "config": config, "command": command,
+                "machine": machine, "machine_line": common.machine_line(machine),
+                "trainable_parameters": common.num_parameters(model),
+                "final_loss": history["total_loss"][-1] if history.get("total_loss") else None,
+                "timing": {"train_seconds": train_seconds, "eval_seconds": val["eval_seconds"],
+                           "cache": cache_info or None},
+                "val": {k: v for k, v in val.items() if k != "eval_seconds"},
+            }
+            (run_dir / "metrics.json").write_text(json.dumps(H._json_safe(metrics), indent=2))
+            summary[name] = metrics
+            models[impl] = model
+            print(f"[accuracy] {name}: mAP@0.5 {100 * val['mAP']:.2f} (all-point), {100 * val['mAP_07']:.2f} "
+                  f"(VOC07); training {_fmt_seconds(train_seconds)}, eval {_fmt_seconds(val['eval_seconds'])}",
+                  flush=True)
+        plot_detections(out, kind, models, val_set, val_cache, args)
+    plot_loss_curves(out, histories)
+    table = results_markdown(out)
+    (out / "results.md").write_text(table)
+    print()
+    print(table)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1185 @@
+"""Two-stage object detection: Faster R-CNN with a Feature Pyramid Network.
+
+Faster R-CNN (Ren et al., 2015) detects objects in two stages:
+
+1. The **Region Proposal Network (RPN)** slides a small conv net over every FPN level
+   and, at every location, scores ``A`` *anchor boxes* (one per aspect ratio) for
+   "is there any object here?" (objectness) and regresses how to move/stretch each
+   anchor onto that object. The best few hundred transformed anchors, after NMS, are
+   the *proposals* (a.k.a. regions of interest, RoIs).
+2. The **second stage** (the "RoI head") crops a fixed-size feature grid for every
+   proposal with RoI Align from the FPN level that suits the proposal's size (Lin et
+   al., 2017), classifies it into ``num_classes + 1`` classes (background included)
+   and, as in the paper, refines its box with class-specific box deltas. (The course
+   version of this assignment only classifies proposals.)
+
+This file reuses the backbone + FPN, the location helper and NMS of ``fcos.py``.
+
+Conventions shared with ``fcos.py``:
+
+* Boxes are ``XYXY`` in absolute pixels of the input image.
+* Batched ground truth is a ``(B, N, 5)`` tensor with rows ``x1, y1, x2, y2, class``,
+  padded with rows of ``-1``. Anchors matched to background get a row of ``-1`` and
+  *neutral* anchors (ignored by the losses) a row of ``-1e8``.
+* Feature dicts are keyed ``"p3", "p4", "p5"`` (strides 8, 16, 32). The detectors
+  also accept a dict of backbone features ``"c3", "c4", "c5"`` in place of images
+  (training from a feature cache with a frozen backbone).
+* The classifier of the second stage predicts ``num_classes + 1`` logits where logit
+  0 is background; GT class ``c`` (0-based) is logit ``c + 1``. Predicted labels are
+  returned 0-based, like the GT.
+
+Box parametrisation (R-CNN, Girshick et al. 2014): an anchor/proposal with centre
+``(px, py)`` and size ``(pw, ph)`` is moved onto a box ``(bx, by, bw, bh)`` by
+``dx = (bx - px) / pw, dy = (by - py) / ph, dw = log(bw / pw), dh = log(bh / ph)``.
+The RPN uses these plain deltas. The second stage multiplies them by the usual
+weights ``(10, 10, 5, 5)`` (Fast R-CNN / torchvision / detectron2), which scales the
+small offsets of already well-placed proposals to a range where an L1 loss is useful.
+
+Parts that students implement are wrapped in ``# BEGIN SOLUTION (part): ...`` /
+``# END SOLUTION`` markers (see ``tools/make_release.py``); everything else is
+provided.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torchvision
+from torch import nn
+from torch.nn import functional as F
+
+from fcos import (  # noqa: F401  (DetectorBackboneWithFPN is re-exported for notebooks)
+    DetectorBackboneWithFPN,
+    TensorDict,
+    class_spec_nms,
+    get_fpn_location_coords,
+    image_size_of,
+    nms,
+)
+
+# Value of the rows of neutral anchors / proposals (ignored in training), and of their
+# box deltas. Background rows are -1 (see the module docstring).
+NEUTRAL = -1e8
+
+# Largest allowed `dw, dh` when decoding: a box can grow at most 1000/16 times its
+# anchor. Without a cap, `exp` of a wild prediction early in training overflows to inf.
+_SCALE_CLAMP = math.log(1000.0 / 16)
+
+# Level-assignment rule of the FPN paper, Eq. (1): a 224 x 224 RoI (ImageNet
+# pre-training size) goes to level k0 = 4; half the size, one level lower.
+_CANONICAL_BOX_SIZE = 224.0
+_CANONICAL_LEVEL = 4
+
+
+def hello_two_stage_detector() -> None:
+    print("Hello from two_stage_detector.py!")
+
+
+def _as_channel_list(stem_channels: Union[int, Sequence[int]]) -> List[int]:
+    """Accept `stem_channels` as one int (a single layer) or a list of ints."""
+    if isinstance(stem_channels, int):
+        return [stem_channels]
+    return list(stem_channels)
+
+
+##############################################################################
+# First stage: Region Proposal Network                                       #
+##############################################################################
+
+
+class RPNPredictionNetwork(nn.Module):
+    """
+    RPN prediction head, shared by all FPN levels. A *stem* of 3x3 convs (with
+    ReLU) is followed by two 1x1 convs: one predicts ``A`` objectness logits per
+    location (one per anchor), the other ``4 * A`` box deltas.
+
+    Unlike FCOS, there is no classification: the RPN only answers "object or not",
+    the second stage tells which class.
+    """
+
+    def __init__(self, in_channels: int, stem_channels: Union[int, List[int]], num_anchors: int = 3):
+        """
+        Args:
+            in_channels: Number of channels of the FPN features (the same at all levels).
+            stem_channels: Output channels of each 3x3 conv of the stem, e.g. ``[64, 64]``
+                makes two layers. An int means a single layer.
+            num_anchors: Number of anchors per location (``A``), usually the number of
+                aspect ratios.
+        """
+        super().__init__()
+        self.num_anchors = num_anchors
+        stem_channels = _as_channel_list(stem_channels)
+        # BEGIN SOLUTION (rpn_head): build `self.stem_rpn` (3x3 conv + ReLU per entry of stem_channels) and the 1x1 convs `self.pred_obj` (A channels) and `self.pred_box` (4A channels), all initialised with N(0, 0.01) weights and zero biases.
+        stem_rpn = []
+        prev_channels = in_channels
+        for out_channels in stem_channels:
+            stem_rpn += [nn.Conv2d(prev_channels, out_channels, 3, padding=1), nn.ReLU(inplace=True)]
+            prev_channels = out_channels
+        self.stem_rpn = nn.Sequential(*stem_rpn)
+        self.pred_obj = nn.Conv2d(prev_channels, num_anchors, 1)
+        self.pred_box = nn.Conv2d(prev_channels, 4 * num_anchors, 1)
+        # Small random weights and zero biases (as in the paper): the initial
+        # objectness is 0.5 everywhere and the initial deltas are ~0, so training
+        # starts from the anchors themselves.
+        for layer in self.modules():
+            if isinstance(layer, nn.Conv2d):
+                nn.init.normal_(layer.weight, mean=0.0, std=0.01)
+                nn.init.zeros_(layer.bias)
+        # END SOLUTION
+
+    def forward(self, feats_per_fpn_level: TensorDict) -> List[TensorDict]:
+        """
+        Get objectness logits and box deltas for every anchor of every FPN level.
+
+        Args:
+            feats_per_fpn_level: Features keyed ``"p3", "p4", "p5"``, each of shape
+                ``(B, in_channels, H, W)`` (``H, W`` differ per level).
+
+        Returns:
+            ``[obj_logits, boxreg_deltas]``, two dicts with the same keys:
+            ``obj_logits[level]`` has shape ``(B, H * W * A)`` and
+            ``boxreg_deltas[level]`` has shape ``(B, H * W * A, 4)``.
+            Entries are ordered by location (row-major, x fastest, like
+            ``get_fpn_location_coords``) and the ``A`` anchors of one location are
+            contiguous: entry ``(y * W + x) * A + a`` is anchor ``a`` at ``(x, y)``,
+            matching ``generate_fpn_anchors``.
+        """
+        object_logits: TensorDict = {}
+        boxreg_deltas: TensorDict = {}
+        # BEGIN SOLUTION (rpn_head): run the stem and both 1x1 convs on every level and flatten the outputs to (B, H*W*A) and (B, H*W*A, 4) with the anchors of one location contiguous.
+        for level_name, feats in feats_per_fpn_level.items():
+            batch_size = feats.shape[0]
+            stem_out = self.stem_rpn(feats)
+            # (B, A, H, W) -> (B, H, W, A) -> (B, H*W*A): anchors of a location stay together.
+            obj = self.pred_obj(stem_out)
+            object_logits[level_name] = obj.permute(0, 2, 3, 1).reshape(batch_size, -1)
+            # (B, 4A, H, W) -> (B, H, W, 4A) -> (B, H*W*A, 4): channel 4a + k is delta k of anchor a.
+            box = self.pred_box(stem_out)
+            boxreg_deltas[level_name] = box.permute(0, 2, 3, 1).reshape(batch_size, -1, 4)
+        # END SOLUTION
+        return [object_logits, boxreg_deltas]
+
+
+@torch.no_grad()
+def generate_fpn_anchors(
+    locations_per_fpn_level: TensorDict,
+    strides_per_fpn_level: Dict[str, int],
+    stride_scale: float,
+    aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
+) -> TensorDict:
+    """
+    Generate multiple anchor boxes at every location of every FPN level. Anchor
+    boxes are centred at the locations; they all have the same area at one level,
+    ``(stride * stride_scale) ** 2``, and differ in aspect ratio (height / width):
+    a ratio of 2 is a tall box, 0.5 a wide box.
+
+    For area ``S`` and ratio ``r``: ``width = sqrt(S / r)``, ``height = r * width``
+    (so that ``width * height = S`` and ``height / width = r``).
+
+    Args:
+        locations_per_fpn_level: Centres of the feature locations, keyed by level,
+            each of shape ``(H * W, 2)`` giving ``(x, y)`` (see
+            ``fcos.get_fpn_location_coords``).
+        strides_per_fpn_level: Stride of each level, e.g. ``{"p3": 8, ...}``.
+        stride_scale: Anchor side length (for ratio 1) in units of the stride.
+        aspect_ratios: Height / width of the anchors at each location.
+
+    Returns:
+        Anchor boxes ``(x1, y1, x2, y2)`` keyed by level, each of shape
+        ``(H * W * A, 4)``; the ``A`` anchors of one location are contiguous and
+        in the order of ``aspect_ratios``.
+    """
+    anchors_per_fpn_level: TensorDict = {}
+    # BEGIN SOLUTION (anchors): for every level, build the A anchors of every location (area (stride * stride_scale)^2, height / width = aspect ratio) and return them as (H*W*A, 4).
+    for level_name, locations in locations_per_fpn_level.items():
+        level_stride = strides_per_fpn_level[level_name]
+        area = float(level_stride * stride_scale) ** 2
+        ratios = torch.as_tensor(aspect_ratios, dtype=locations.dtype, device=locations.device)
+        widths = torch.sqrt(area / ratios)
+        heights = ratios * widths
+        half_sizes = torch.stack([widths, heights], dim=1) / 2  # (A, 2)
+        centers = locations[:, None, :]  # (H*W, 1, 2), broadcast over the A anchors
+        anchors = torch.cat([centers - half_sizes, centers + half_sizes], dim=2)  # (H*W, A, 4)
+        anchors_per_fpn_level[level_name] = anchors.reshape(-1, 4)
+    # END SOLUTION
+    return anchors_per_fpn_level
+
+
+def _box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """
+    Pairwise IoU, batched: ``(..., M, 4)`` and ``(..., N, 4)`` -> ``(..., M, N)``
+    (leading dims broadcast). Provided helper of the matcher; ``iou`` below is the
+    public (student) version of the same computation.
+    """
+    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
+    area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
+    # Coordinates one at a time: (..., M, N) tensors, no reduction over a size-2 dim (slow).
+    b1, b2 = boxes1[..., :, None, :], boxes2[..., None, :, :]
+    inter_w = (torch.minimum(b1[..., 2], b2[..., 2]) - torch.maximum(b1[..., 0], b2[..., 0])).clamp_(min=0)
+    inter_h = (torch.minimum(b1[..., 3], b2[..., 3]) - torch.maximum(b1[..., 1], b2[..., 1])).clamp_(min=0)
+    inter = inter_w * inter_h
+    union = area1[..., :, None] + area2[..., None, :] - inter
+    # Two empty boxes have union 0: call their IoU 0 rather than NaN.
+    return inter / union.clamp_(min=torch.finfo(union.dtype).tiny)
+
+
+def iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
+    """
+    Compute the intersection-over-union of every box of ``boxes1`` with every box
+    of ``boxes2``. Vectorised: no loops.
+
+    Args:
+        boxes1: Tensor of shape ``(M, 4)``, boxes ``(x1, y1, x2, y2)``.
+        boxes2: Tensor of shape ``(N, 4)``.
+
+    Returns:
+        Tensor of shape ``(M, N)``; entry ``(i, j)`` is the IoU of ``boxes1[i]`` and
+        ``boxes2[j]``, in ``[0, 1]``. (Leading batch dims, if any, broadcast.)
+    """
+    # BEGIN SOLUTION (iou): compute the (M, N) matrix of pairwise IoUs with broadcasting (intersection / union).
+    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])  # (M,)
+    area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])  # (N,)
+    # Intersection rectangle of every pair: (M, N, 2) corners.
+    top_left = torch.maximum(boxes1[..., :, None, :2], boxes2[..., None, :, :2])
+    bottom_right = torch.minimum(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])
+    # Disjoint boxes give negative widths/heights: clamp them to an empty intersection.
+    inter = (bottom_right - top_left).clamp(min=0).prod(dim=-1)
+    union = area1[..., :, None] + area2[..., None, :] - inter
+    iou_matrix = inter / union.clamp(min=torch.finfo(union.dtype).tiny)
+    # END SOLUTION
+    return iou_matrix
+
+
+@torch.no_grad()
+def rcnn_match_anchors_to_gt(
+    anchor_boxes: torch.Tensor,
+    gt_boxes: torch.Tensor,
+    iou_thresholds: Tuple[float, float],
+    allow_low_quality_matches: bool = True,
+) -> torch.Tensor:
+    """
+    Match anchor boxes (or proposals) with GT boxes by IoU, as in Faster R-CNN:
+
+    * an anchor whose best IoU is ``>= iou_thresholds[1]`` is *foreground* and gets
+      the row of that GT box;
+    * an anchor whose best IoU is ``< iou_thresholds[0]`` is *background* and gets a
+      row of ``-1``;
+    * anchors in between are *neutral* (ambiguous, ignored in training) and get a
+      row of ``-1e8``.
+    * ``allow_low_quality_matches``: a GT box whose anchors all have a low IoU (a
+      very small or thin object) would get no anchor at all. So, as in the paper,
+      the anchor(s) with the highest IoU for each GT box are foreground as well
+      (matched with that GT box), whatever their IoU (as long as it is > 0).
+
+    This function is batched: with ``gt_boxes`` of shape ``(B, N, 5)`` every image is
+    matched at once (padding rows with class ``-1`` never match).
+
+    Args:
+        anchor_boxes: Anchors ``(A, 4)`` shared by all images, or one set per image
+            ``(B, A, 4)``.
+        gt_boxes: GT boxes of one image ``(N, 5)`` or of a batch ``(B, N, 5)``, rows
+            ``(x1, y1, x2, y2, class)``, padded with rows of ``-1``.
+        iou_thresholds: ``(low, high)`` thresholds; ``(0.3, 0.7)`` in the paper.
+        allow_low_quality_matches: Also make each GT box's best anchors foreground.
+
+    Returns:
+        Matched GT boxes, ``(A, 5)`` (or ``(B, A, 5)`` for batched ``gt_boxes``): for
+        every anchor, the row of its GT box, ``-1`` (background) or ``-1e8`` (neutral).
+    """
+    batched = gt_boxes.dim() == 3
+    gt = gt_boxes if batched else gt_boxes[None]
+    anchors = anchor_boxes if anchor_boxes.dim() == 3 else anchor_boxes[None]
+    num_images, num_anchors = gt.shape[0], anchors.shape[-2]
+    low, high = iou_thresholds
+
+    if gt.shape[1] == 0:
+        # No GT boxes at all: everything is background.
+        matched = gt.new_full((num_images, num_anchors, 5), -1.0)
+        return matched if batched else matched[0]
+
+    valid_gt = gt[..., 4] != -1  # (B, N): padding rows must never match
+    ious = _box_iou(anchors, gt[..., :4])  # (B, A, N)
+    ious = ious.masked_fill(~valid_gt[:, None, :], -1.0)
+    match_quality, matched_idx = ious.max(dim=2)  # (B, A)
+
+    if allow_low_quality_matches:
+        # For each GT box, the anchors that reach its highest IoU (ties included).
+        best_iou_per_gt = ious.max(dim=1, keepdim=True).values  # (B, 1, N)
+        is_best = (ious == best_iou_per_gt) & (best_iou_per_gt > 0)
+        # An anchor that is the best for several GT boxes takes the one it overlaps most.
+        best_quality, best_gt_idx = ious.masked_fill(~is_best, -1.0).max(dim=2)
+        promoted = (best_quality > 0) & (match_quality < high)
+        matched_idx = torch.where(promoted, best_gt_idx, matched_idx)
+    else:
+        promoted = torch.zeros_like(match_quality, dtype=torch.bool)
+
+    matched = torch.gather(gt, 1, matched_idx[..., None].expand(num_images, num_anchors, 5))
+    is_background = (match_quality < low) & ~promoted
+    is_neutral = (match_quality >= low) & (match_quality < high) & ~promoted
+    matched = matched.masked_fill_(is_background[..., None], -1.0).masked_fill_(is_neutral[..., None], NEUTRAL)
+    return matched if batched else matched[0]
+
+
+def rcnn_get_deltas_from_anchors(
+    anchors: torch.Tensor,
+    gt_boxes: torch.Tensor,
+    weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+) -> torch.Tensor:
+    """
+    Get box regression deltas that transform ``anchors`` into ``gt_boxes`` (the
+    R-CNN parametrisation):
+
+        dx = wx * (gx - ax) / aw        dw = ww * log(gw / aw)
+        dy = wy * (gy - ay) / ah        dh = wh * log(gh / ah)
+
+    where ``(ax, ay, aw, ah)`` are the anchor centre and size, ``(gx, gy, gw, gh)``
+    those of the GT box and ``(wx, wy, ww, wh) = weights`` (all 1 for the RPN,
+    ``(10, 10, 5, 5)`` for the second stage).
+
+    Background (``-1``) and neutral (``-1e8``) GT rows have no box: their deltas are
+    ``-1e8`` so that a loss can tell them apart.
+
+    Args:
+        anchors: ``(..., 4)`` anchor boxes ``(x1, y1, x2, y2)``.
+        gt_boxes: ``(..., 4)`` or ``(..., 5)`` matched GT boxes (class column ignored).
+        weights: Multipliers of ``(dx, dy, dw, dh)``.
+
+    Returns:
+        Deltas ``(..., 4)``.
+    """
+    # BEGIN SOLUTION (rcnn_deltas): encode every GT box relative to its anchor as weighted (dx, dy, dw, dh); background (-1) and neutral (-1e8) rows get deltas of -1e8.
+    wx, wy, ww, wh = weights
+    gt = gt_boxes[..., :4]
+    anchor_w = anchors[..., 2] - anchors[..., 0]
+    anchor_h = anchors[..., 3] - anchors[..., 1]
+    anchor_x = anchors[..., 0] + 0.5 * anchor_w
+    anchor_y = anchors[..., 1] + 0.5 * anchor_h
+    gt_w = gt[..., 2] - gt[..., 0]
+    gt_h = gt[..., 3] - gt[..., 1]
+    gt_x = gt[..., 0] + 0.5 * gt_w
+    gt_y = gt[..., 1] + 0.5 * gt_h
+    deltas = torch.stack(
+        [
+            wx * (gt_x - anchor_x) / anchor_w,
+            wy * (gt_y - anchor_y) / anchor_h,
+            ww * torch.log(gt_w / anchor_w),
+            wh * torch.log(gt_h / anchor_h),
+        ],
+        dim=-1,
+    )
+    # Rows without a box (log of a zero/negative size above) get the -1e8 marker.
+    no_box = (gt == -1).all(dim=-1) | (gt == NEUTRAL).all(dim=-1)
+    deltas = torch.where(no_box[..., None], torch.full_like(deltas, NEUTRAL), deltas)
+    # END SOLUTION
+    return deltas
+
+
+def rcnn_apply_deltas_to_anchors(
+    deltas: torch.Tensor,
+    anchors: torch.Tensor,
+    weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+) -> torch.Tensor:
+    """
+    Inverse of ``rcnn_get_deltas_from_anchors``: move and stretch ``anchors`` by
+    ``deltas`` to get boxes.
+
+    ``dw, dh`` (after dividing by their weights) are clamped at
+    ``log(1000 / 16)`` so that ``exp`` cannot overflow for wild predictions. Rows of
+    ``-1e8`` deltas (background / neutral) decode to boxes of ``-1e8`` (never NaN).
+    The input tensors are not modified.
+
+    Args:
+        deltas: ``(..., 4)`` deltas ``(dx, dy, dw, dh)``.
+        anchors: ``(..., 4)`` boxes ``(x1, y1, x2, y2)`` (broadcastable to ``deltas``).
+        weights: The weights used to encode the deltas.
+
+    Returns:
+        Boxes ``(..., 4)``, ``(x1, y1, x2, y2)``.
+    """
+    # BEGIN SOLUTION (rcnn_deltas): decode the weighted deltas back to XYXY boxes (clamping dw, dh at log(1000/16)); rows of -1e8 deltas give boxes of -1e8.
+    wx, wy, ww, wh = weights
+    anchor_w = anchors[..., 2] - anchors[..., 0]
+    anchor_h = anchors[..., 3] - anchors[..., 1]
+    anchor_x = anchors[..., 0] + 0.5 * anchor_w
+    anchor_y = anchors[..., 1] + 0.5 * anchor_h
+    dx = deltas[..., 0] / wx
+    dy = deltas[..., 1] / wy
+    dw = (deltas[..., 2] / ww).clamp(max=_SCALE_CLAMP)
+    dh = (deltas[..., 3] / wh).clamp(max=_SCALE_CLAMP)
+    center_x = anchor_x + dx * anchor_w
+    center_y = anchor_y + dy * anchor_h
+    half_w = 0.5 * anchor_w * torch.exp(dw)
+    half_h = 0.5 * anchor_h * torch.exp(dh)
+    boxes = torch.stack([center_x - half_w, center_y - half_h, center_x + half_w, center_y + half_h], dim=-1)
+    no_box = (deltas == NEUTRAL).all(dim=-1)
+    boxes = torch.where(no_box[..., None], torch.full_like(boxes, NEUTRAL), boxes)
+    # END SOLUTION
+    return boxes
+
+
+@torch.no_grad()
+def sample_rpn_training(
+    gt_boxes: torch.Tensor, num_samples: int, fg_fraction: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    Randomly pick foreground and background anchors (or proposals) to train on.
+    There are far more background anchors than foreground ones; sampling a fixed
+    number with a fixed foreground fraction keeps the loss balanced.
+
+    At most ``int(num_samples * fg_fraction)`` foreground anchors (class ``>= 0``)
+    are picked; when fewer exist, all of them are taken and background anchors
+    (class ``-1``) fill the rest, up to ``num_samples`` in total (fewer if there are
+    not enough). Neutral anchors (``-1e8``) are never picked.
+
+    Batched use: with ``gt_boxes`` of shape ``(B, N, 5)``, each image gets its own
+    ``num_samples`` (no per-image Python loop: random scores + ``topk`` per row), and
+    the returned indices point into the flattened ``(B * N)`` anchors, so that
+    ``x.flatten(0, 1)[idx]`` selects them and ``idx // N`` is their image.
+
+    Args:
+        gt_boxes: Matched GT boxes, ``(N, 5)`` or ``(B, N, 5)`` (output of
+            ``rcnn_match_anchors_to_gt``).
+        num_samples: Number of anchors to sample (per image when batched).
+        fg_fraction: Largest fraction of foreground anchors in a sample.
+
+    Returns:
+        ``fg_idx, bg_idx``: 1D ``int64`` tensors of the sampled foreground and
+        background indices, sorted.
+    """
+    labels = gt_boxes[..., 4]
+    if labels.dim() == 1:
+        labels = labels[None]
+    num_images, num_anchors = labels.shape
+    is_fg = labels >= 0
+    is_bg = labels == -1
+    max_fg = int(num_samples * fg_fraction)
+    num_fg = is_fg.sum(dim=1).clamp(max=max_fg)  # (B,)
+    num_bg = num_samples - num_fg  # (B,)
+    k = min(num_samples, num_anchors)
+    offsets = torch.arange(num_images, device=labels.device)[:, None] * num_anchors
+
+    def pick(candidates: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        # Random score in [0, 1) for candidates, -1 for the rest: the top `counts[b]`
+        # of row b are a uniform random subset of its candidates.
+        scores = torch.rand(candidates.shape, device=candidates.device)
+        scores = scores.masked_fill(~candidates, -1.0)
+        top_scores, top_idx = scores.topk(k, dim=1)
+        rank = torch.arange(k, device=candidates.device)[None, :]
+        keep = (rank < counts[:, None]) & (top_scores >= 0)
+        return torch.sort((top_idx + offsets)[keep]).values
+
+    return pick(is_fg, num_fg), pick(is_bg, num_bg)
+
+
+def assign_fpn_levels(
+    boxes: torch.Tensor,
+    fpn_level_ids: Sequence[int] = (3, 4, 5),
+) -> torch.Tensor:
+    """
+    FPN level of every box by Eq. (1) of the FPN paper:
+    ``k = floor(k0 + log2(sqrt(w * h) / 224))`` with ``k0 = 4``, clamped to the
+    available levels. Small boxes pool from high-resolution levels, large boxes
+    from coarse ones.
+
+    Args:
+        boxes: ``(K, 4)`` boxes (any leading shape works).
+        fpn_level_ids: Available level ids, e.g. ``(3, 4, 5)`` for p3-p5.
+
+    Returns:
+        ``int64`` tensor of level ids, shape ``boxes.shape[:-1]``.
+    """
+    widths = (boxes[..., 2] - boxes[..., 0]).clamp(min=0)
+    heights = (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
+    sizes = torch.sqrt(widths * heights)
+    # The small epsilon keeps exact powers of two (e.g. a 112 x 112 box) on their
+    # level despite rounding, and log2(0) finite for empty boxes.
+    levels = torch.floor(_CANONICAL_LEVEL + torch.log2(sizes / _CANONICAL_BOX_SIZE + 1e-6))
+    levels = levels.clamp(min=min(fpn_level_ids), max=max(fpn_level_ids))
+    return levels.to(torch.int64)
+
+
+@torch.no_grad()
+def reassign_proposals_to_fpn_levels(
+    proposals_per_image: List[torch.Tensor],
+    gt_boxes: Optional[torch.Tensor] = None,
+    fpn_level_ids: Sequence[int] = (3, 4, 5),
+) -> Dict[str, List[torch.Tensor]]:
+    """
+    The RPN gives proposals of many sizes. The second stage crops features for
+    each proposal from the FPN level suited to its size (``assign_fpn_levels``).
+    This function splits the proposals of every image by level. During training,
+    the GT boxes are added to the proposals first (so that the second stage always
+    sees some perfect foreground RoIs).
+
+    Args:
+        proposals_per_image: List of ``B`` tensors ``(P_i, 4)``. Not modified.
+        gt_boxes: Optional ``(B, N, 5)`` GT boxes, padded with rows of ``-1``;
+            padding rows are not added.
+        fpn_level_ids: Available level ids.
+
+    Returns:
+        Dict keyed ``"p3", "p4", "p5"``; each value is a list of ``B`` tensors, the
+        ``(P_i_level, 4)`` proposals of image ``i`` assigned to that level (in their
+        original order).
+    """
+    proposals_per_fpn_level: Dict[str, List[torch.Tensor]] = {f"p{_id}": [] for _id in fpn_level_ids}
+    for image_idx, proposals in enumerate(proposals_per_image):
+        if gt_boxes is not None:
+            image_gt = gt_boxes[image_idx]
+            image_gt = image_gt[image_gt[:, 4] != -1]
+            proposals = torch.cat([proposals, image_gt[:, :4].to(proposals)], dim=0)
+        levels = assign_fpn_levels(proposals, fpn_level_ids)
+        for level_id in fpn_level_ids:
+            proposals_per_fpn_level[f"p{level_id}"].append(proposals[levels == level_id])
+    return proposals_per_fpn_level
+
+
+def _roi_align_input_grad(
+    grad_output: torch.Tensor,
+    rois: torch.Tensor,
+    input_shape: torch.Size,
+    spatial_scale: float,
+    sampling_ratio: int,
+) -> torch.Tensor:
+    """
+    Gradient of ``torchvision.ops.roi_align(..., aligned=True)`` with respect to its
+    input features, for a fixed ``sampling_ratio > 0``.
+
+    Every output bin is the mean of ``sampling_ratio ** 2`` bilinear samples, and each
+    sample reads 4 neighbouring feature cells, so the op is a sparse linear map
+    ``M`` from the ``(B * H * W)`` cells to the ``(K * PH * PW)`` bins (per channel).
+    Its gradient is ``M^T @ grad_output``: we build ``M`` (16 entries per bin for
+    a sampling ratio of 2) with tensor ops, following torchvision's kernel exactly
+    (samples more than one cell outside the map are ignored; samples on the border
+    are clamped), and let one sparse matrix product do the scatter for all channels.
+
+    Returns:
+        ``(B, C, H, W)`` gradient (a permuted view, which autograd accepts).
+    """
+    num_images, channels, height, width = input_shape
+    num_rois, _, pooled_h, pooled_w = grad_output.shape
+    dtype, device = grad_output.dtype, grad_output.device
+    rois = rois.to(dtype)
+    batch_idx = rois[:, 0].long()
+    start_x = rois[:, 1] * spatial_scale - 0.5  # aligned=True: pixel centres at +0.5
+    start_y = rois[:, 2] * spatial_scale - 0.5
+    bin_w = (rois[:, 3] - rois[:, 1]) * spatial_scale / pooled_w
+    bin_h = (rois[:, 4] - rois[:, 2]) * spatial_scale / pooled_h
+    # Sample positions are a separable grid: (K, PH, s) rows and (K, PW, s) columns.
+    offsets = (torch.arange(sampling_ratio, dtype=dtype, device=device) + 0.5) / sampling_ratio
+    grid_y = torch.arange(pooled_h, dtype=dtype, device=device)[:, None] + offsets  # (PH, s)
+    grid_x = torch.arange(pooled_w, dtype=dtype, device=device)[:, None] + offsets  # (PW, s)
+    ys = start_y[:, None, None] + grid_y * bin_h[:, None, None]
+    xs = start_x[:, None, None] + grid_x * bin_w[:, None, None]
+
+    def neighbours(coords: torch.Tensor, size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        # Indices and weights (..., 2) of the two cells a coordinate interpolates.
+        inside = ((coords >= -1.0) & (coords <= size)).to(dtype)
+        coords = coords.clamp(min=0)
+        low = coords.floor().long().clamp(max=size - 1)
+        at_end = low >= size - 1
+        high = torch.where(at_end, low, low + 1)
+        frac = torch.where(at_end, torch.zeros_like(coords), coords - low.to(dtype)) * inside
+        return torch.stack([low, high], dim=-1), torch.stack([inside - frac, frac], dim=-1)
+
+    y_idx, y_w = neighbours(ys, height)  # (K, PH, s, 2)
+    x_idx, x_w = neighbours(xs, width)  # (K, PW, s, 2)
+    # Outer product over (bin row, bin column, sample row, sample column, 2 rows, 2 columns).
+    y_idx, y_w = y_idx[:, :, None, :, None, :, None], y_w[:, :, None, :, None, :, None]
+    x_idx, x_w = x_idx[:, None, :, None, :, None, :], x_w[:, None, :, None, :, None, :]
+    cells = (batch_idx[:, None, None, None, None, None, None] * height + y_idx) * width + x_idx
+    weights = y_w * (x_w / (sampling_ratio * sampling_ratio))
+    num_bins = num_rois * pooled_h * pooled_w
+    entries_per_bin = 4 * sampling_ratio * sampling_ratio  # samples x neighbours
+    bins = torch.arange(num_bins, device=device)[:, None].expand(num_bins, entries_per_bin)
+    matrix = torch.sparse_coo_tensor(
+        torch.stack([cells.reshape(-1), bins.reshape(-1)]),
+        weights.reshape(-1),
+        (num_images * height * width, num_bins),
+        check_invariants=False,
+    )
+    grad_bins = grad_output.permute(0, 2, 3, 1).reshape(num_bins, channels)
+    grad_cells = torch.sparse.mm(matrix, grad_bins)  # (B*H*W, C); duplicates are summed
+    return grad_cells.reshape(num_images, height, width, channels).permute(0, 3, 1, 2)
+
+
+class _RoIAlignFastBackward(torch.autograd.Function):
+    """
+    ``torchvision.ops.roi_align`` (aligned) whose backward pass is
+    ``_roi_align_input_grad``. On CPU, torchvision's backward is a serial scalar
+    loop over every (RoI, channel, bin, sample) and is the most expensive step of
+    the second stage; the sparse product gives the same gradient several times
+    faster (and uses all cores). The forward pass is torchvision's.
+    """
+
+    @staticmethod
+    def forward(ctx, feats, rois, output_size, spatial_scale, sampling_ratio):
+        ctx.save_for_backward(rois)
+        ctx.input_shape = feats.shape
+        ctx.spatial_scale = spatial_scale
+        ctx.sampling_ratio = sampling_ratio
+        return torchvision.ops.roi_align(feats, rois, output_size, spatial_scale, sampling_ratio, aligned=True)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (rois,) = ctx.saved_tensors
+        grad = _roi_align_input_grad(grad_output, rois, ctx.input_shape, ctx.spatial_scale, ctx.sampling_ratio)
+        return grad, None, None, None, None
+
+
+def _roi_align(
+    feats: torch.Tensor, rois: torch.Tensor, output_size: Tuple[int, int], spatial_scale: float, sampling_ratio: int
+) -> torch.Tensor:
+    """``torchvision.ops.roi_align(aligned=True)``, with the fast backward on CPU."""
+    use_fast_backward = (
+        feats.requires_grad
+        and torch.is_grad_enabled()
+        and feats.device.type == "cpu"
+        and feats.dtype in (torch.float32, torch.float64)
+        and sampling_ratio > 0
+    )
+    if use_fast_backward:
+        return _RoIAlignFastBackward.apply(feats, rois, output_size, spatial_scale, sampling_ratio)
+    return torchvision.ops.roi_align(feats, rois, output_size, spatial_scale, sampling_ratio, aligned=True)
+
+
+def multiscale_roi_align(
+    feats_per_fpn_level: TensorDict,
+    strides_per_fpn_level: Dict[str, int],
+    boxes: torch.Tensor,
+    batch_idx: torch.Tensor,
+    output_size: Tuple[int, int],
+    sampling_ratio: int = 2,
+) -> torch.Tensor:
+    """
+    RoI Align of every box from the FPN level that suits its size.
+
+    Row ``k`` of the output is always the pooled features of ``boxes[k]`` in image
+    ``batch_idx[k]``, whatever the levels and the batch size: the rows of each
+    level are scattered back to the positions of their boxes. So features stay in
+    the order of the RoIs (and of their labels and regression targets) by
+    construction. (The course version concatenated pooled features level by level
+    while the labels were image by image, which mixed up images in batches of more
+    than one.)
+
+    ``torchvision.ops.roi_align`` is called once per level for the whole batch,
+    with ``aligned=True`` (pixel-exact half-pixel offsets) and ``sampling_ratio``
+    sampling points per bin side (2, like torchvision's ``MultiScaleRoIAlign``).
+    On CPU its gradient is computed by ``_roi_align_input_grad`` (same values,
+    much faster than torchvision's serial loop).
+
+    Args:
+        feats_per_fpn_level: ``(B, C, H, W)`` features keyed ``"p3", "p4", "p5"``.
+        strides_per_fpn_level: Stride of each level.
+        boxes: ``(K, 4)`` RoIs in image pixels.
+        batch_idx: ``(K,)`` image index of each RoI.
+        output_size: ``(h, w)`` of the pooled grid, e.g. ``(7, 7)``.
+        sampling_ratio: Sampling points per bin side.
+
+    Returns:
+        ``(K, C, h, w)`` pooled features.
+    """
+    level_names = list(feats_per_fpn_level.keys())
+    level_ids = [int(name[1:]) for name in level_names]
+    levels = assign_fpn_levels(boxes, level_ids)
+    any_feats = feats_per_fpn_level[level_names[0]]
+    pooled = any_feats.new_zeros((boxes.shape[0], any_feats.shape[1], *output_size))
+    rois = torch.cat([batch_idx[:, None].to(boxes), boxes], dim=1)  # roi_align's (K, 5) format
+    for level_name, level_id in zip(level_names, level_ids):
+        idx = torch.nonzero(levels == level_id).squeeze(1)
+        if idx.numel() == 0:
+            continue
+        level_pooled = _roi_align(
+            feats_per_fpn_level[level_name],
+            rois[idx].to(any_feats),
+            output_size,
+            1.0 / strides_per_fpn_level[level_name],
+            sampling_ratio,
+        )
+        pooled = pooled.index_copy(0, idx, level_pooled)
+    return pooled
+
+
+def _clip_boxes(boxes: torch.Tensor, image_size: Tuple[int, int]) -> torch.Tensor:
+    """Clip ``(..., 4)`` XYXY boxes to an image of ``(height, width)``."""
+    height, width = image_size
+    return torch.stack(
+        [
+            boxes[..., 0].clamp(0, width),
+            boxes[..., 1].clamp(0, height),
+            boxes[..., 2].clamp(0, width),
+            boxes[..., 3].clamp(0, height),
+        ],
+        dim=-1,
+    )
+
+
+class RPN(nn.Module):
+    """
+    Region Proposal Network: the first stage of Faster R-CNN. It predicts
+    objectness and box deltas for the anchors of every FPN level, turns the best
+    ones into proposals and, in training, computes its two losses.
+    """
+
+    def __init__(
+        self,
+        fpn_channels: int,
+        stem_channels: Union[int, List[int]],
+        batch_size_per_image: int,
+        anchor_stride_scale: float = 8,
+        anchor_aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
+        anchor_iou_thresholds: Tuple[float, float] = (0.3, 0.6),
+        nms_thresh: float = 0.7,
+        pre_nms_topk: int = 400,
+        post_nms_topk: int = 100,
+        fg_fraction: float = 0.5,
+        min_proposal_size: float = 1e-3,
+    ):
+        """
+        Args:
+            fpn_channels: Channels of the FPN features.
+            stem_channels: Channels of the 3x3 convs of the prediction head's stem.
+            batch_size_per_image: Anchors sampled per image for the losses.
+            anchor_stride_scale: Anchor side (for ratio 1) in units of the level stride.
+            anchor_aspect_ratios: Aspect ratios (height / width) of the anchors.
+            anchor_iou_thresholds: ``(background, foreground)`` IoU thresholds of
+                anchor matching; IoUs in between are neutral.
+            nms_thresh: IoU threshold of the NMS over each image's proposals.
+            pre_nms_topk: Proposals kept *per level* (per image) before NMS.
+            post_nms_topk: Proposals kept per image after NMS.
+            fg_fraction: Largest fraction of foreground anchors per sample.
+            min_proposal_size: Proposals narrower or lower than this (pixels, after
+                clipping to the image) are dropped.
+        """
+        super().__init__()
+        self.pred_net = RPNPredictionNetwork(
+            fpn_channels, _as_channel_list(stem_channels), num_anchors=len(anchor_aspect_ratios)
+        )
+        self.batch_size_per_image = batch_size_per_image
+        self.anchor_stride_scale = anchor_stride_scale
+        self.anchor_aspect_ratios = list(anchor_aspect_ratios)
+        self.anchor_iou_thresholds = tuple(anchor_iou_thresholds)
+        self.nms_thresh = nms_thresh
+        self.pre_nms_topk = pre_nms_topk
+        self.post_nms_topk = post_nms_topk
+        self.fg_fraction = fg_fraction
+        self.min_proposal_size = min_proposal_size
+
+    def forward(
+        self,
+        feats_per_fpn_level: TensorDict,
+        strides_per_fpn_level: Dict[str, int],
+        gt_boxes: Optional[torch.Tensor] = None,
+        image_size: Optional[Tuple[int, int]] = None,
+    ) -> Dict[str, Union[List[torch.Tensor], torch.Tensor]]:
+        """
+        Args:
+            feats_per_fpn_level: FPN features ``(B, C, H, W)`` keyed ``"p3", "p4", "p5"``.
+            strides_per_fpn_level: Stride of each level.
+            gt_boxes: ``(B, N, 5)`` GT boxes padded with ``-1`` rows; needed in training.
+            image_size: ``(height, width)`` of the input images, to clip proposals.
+                Defaults to ``stride * size`` of the p3 features (as
+                ``fcos.image_size_of`` does for cached features).
+
+        Returns:
+            Dict with ``"proposals"``: a list of ``B`` tensors ``(P_i, 4)`` (detached,
+            ``P_i <= post_nms_topk``, in decreasing objectness). In training, also
+            ``"loss_rpn_obj"`` (binary cross-entropy of the sampled anchors) and
+            ``"loss_rpn_box"`` (L1 loss of the deltas of the sampled foreground
+            anchors), both normalised by ``batch_size_per_image * B``.
+        """
+        p3 = feats_per_fpn_level["p3"]
+        num_images = p3.shape[0]
+        if image_size is None:
+            image_size = (p3.shape[-2] * strides_per_fpn_level["p3"], p3.shape[-1] * strides_per_fpn_level["p3"])
+
+        pred_obj_logits, pred_boxreg_deltas = self.pred_net(feats_per_fpn_level)
+        shapes = {name: feats.shape for name, feats in feats_per_fpn_level.items()}
+        locations = get_fpn_location_coords(shapes, strides_per_fpn_level, dtype=p3.dtype, device=p3.device)
+        anchors_per_fpn_level = generate_fpn_anchors(
+            locations, strides_per_fpn_level, self.anchor_stride_scale, self.anchor_aspect_ratios
+        )
+
+        output_dict: Dict[str, Union[List[torch.Tensor], torch.Tensor]] = {
+            "proposals": self.predict_proposals(
+                anchors_per_fpn_level, pred_obj_logits, pred_boxreg_deltas, image_size
+            )
+        }
+        if not self.training:
+            return output_dict
+        if gt_boxes is None:
+            raise ValueError("RPN needs `gt_boxes` in training mode")
+
+        # BEGIN SOLUTION (rpn): match all anchors of all images to the GT (batched), sample batch_size_per_image anchors per image, and compute the objectness BCE on the sampled anchors and the L1 box loss on the sampled foreground anchors, both divided by batch_size_per_image * B.
+        anchor_boxes = self._cat_across_fpn_levels(anchors_per_fpn_level, dim=0)  # (A_total, 4)
+        obj_logits = self._cat_across_fpn_levels(pred_obj_logits, dim=1)  # (B, A_total)
+        box_deltas = self._cat_across_fpn_levels(pred_boxreg_deltas, dim=1)  # (B, A_total, 4)
+        num_anchors = anchor_boxes.shape[0]
+
+        # One batched call for all images: (B, A_total, 5).
+        matched_gt_boxes = rcnn_match_anchors_to_gt(anchor_boxes, gt_boxes.to(anchor_boxes), self.anchor_iou_thresholds)
+        fg_idx, bg_idx = sample_rpn_training(matched_gt_boxes, self.batch_size_per_image, self.fg_fraction)
+
+        # Objectness: foreground anchors should score 1, background ones 0.
+        sampled_idx = torch.cat([fg_idx, bg_idx])
+        sampled_logits = obj_logits.reshape(-1)[sampled_idx]
+        obj_targets = torch.cat([torch.ones_like(fg_idx), torch.zeros_like(bg_idx)]).to(sampled_logits)
+        loss_obj = F.binary_cross_entropy_with_logits(sampled_logits, obj_targets, reduction="sum")
+
+        # Box regression: only foreground anchors have a box to regress to.
+        fg_anchors = anchor_boxes[fg_idx % num_anchors]
+        fg_targets = rcnn_get_deltas_from_anchors(fg_anchors, matched_gt_boxes.reshape(-1, 5)[fg_idx])
+        fg_preds = box_deltas.reshape(-1, 4)[fg_idx]
+        loss_box = F.l1_loss(fg_preds, fg_targets, reduction="sum")
+
+        # Normalise by the nominal number of samples (as the course and detectron2
+        # do), so an image with few anchors does not weigh more.
+        total_batch_size = self.batch_size_per_image * num_images
+        output_dict["loss_rpn_obj"] = loss_obj / total_batch_size
+        output_dict["loss_rpn_box"] = loss_box / total_batch_size
+        # END SOLUTION
+        return output_dict
+
+    @torch.no_grad()
+    def predict_proposals(
+        self,
+        anchors_per_fpn_level: TensorDict,
+        pred_obj_logits: TensorDict,
+        pred_boxreg_deltas: TensorDict,
+        image_size: Union[int, Tuple[int, int]],
+    ) -> List[torch.Tensor]:
+        """
+        Turn the RPN predictions into proposals, for all images at once:
+
+        1. per level and image, keep the ``pre_nms_topk`` anchors of highest
+           objectness (a cheap pre-filter: NMS is costly);
+        2. apply their deltas, clip the boxes to the image, drop tiny boxes;
+        3. NMS (``nms_thresh``) over all levels of each image;
+        4. keep the ``post_nms_topk`` best proposals of each image.
+
+        Args:
+            anchors_per_fpn_level: ``(H*W*A, 4)`` anchors keyed by level.
+            pred_obj_logits: ``(B, H*W*A)`` objectness logits keyed by level.
+            pred_boxreg_deltas: ``(B, H*W*A, 4)`` deltas keyed by level.
+            image_size: ``(height, width)`` (or one int for square images).
+
+        Returns:
+            List of ``B`` tensors ``(P_i, 4)``, proposals in decreasing objectness.
+        """
+        if isinstance(image_size, int):
+            image_size = (image_size, image_size)
+        # BEGIN SOLUTION (rpn_proposals): per level take the pre_nms_topk anchors of every image, decode and clip them, drop tiny boxes, run NMS per image, and keep the post_nms_topk best proposals of every image.
+        boxes_per_level, scores_per_level = [], []
+        for level_name, level_anchors in anchors_per_fpn_level.items():
+            logits = pred_obj_logits[level_name]  # (B, A_l)
+            deltas = pred_boxreg_deltas[level_name]  # (B, A_l, 4)
+            k = min(self.pre_nms_topk, logits.shape[1])
+            top_logits, top_idx = logits.topk(k, dim=1)  # (B, k)
+            top_deltas = torch.gather(deltas, 1, top_idx[..., None].expand(-1, -1, 4))
+            boxes = rcnn_apply_deltas_to_anchors(top_deltas, level_anchors[top_idx])
+            boxes_per_level.append(_clip_boxes(boxes, image_size))
+            scores_per_level.append(top_logits)
+        boxes = torch.cat(boxes_per_level, dim=1)  # (B, K, 4)
+        scores = torch.cat(scores_per_level, dim=1)  # (B, K); logits rank like probabilities
+        # Degenerate boxes (e.g. squashed by clipping) are useless RoIs.
+        widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+        valid = (widths > self.min_proposal_size) & (heights > self.min_proposal_size)
+
+        proposals = []
+        for image_idx in range(boxes.shape[0]):
+            # One NMS call per image: a single call over the batch (offset trick of
+            # class_spec_nms) would compare every box with the boxes of all images,
+            # which costs O(B^2) and is much slower for batches of 8 or more.
+            image_boxes = boxes[image_idx][valid[image_idx]]
+            image_scores = scores[image_idx][valid[image_idx]]
+            # Only the best `post_nms_topk` survivors are needed, and greedy NMS decides
+            # each box from higher-scored boxes only: NMS on the top-M boxes gives the
+            # first survivors of NMS on all boxes. So try a short prefix first and grow
+            # it only when too few boxes survive (same result, a fraction of the cost).
+            ranked = torch.argsort(image_scores, descending=True, stable=True)
+            prefix = 4 * self.post_nms_topk
+            while True:
+                candidates = ranked[:prefix]
+                keep = candidates[nms(image_boxes[candidates], image_scores[candidates], self.nms_thresh)]
+                if keep.numel() >= self.post_nms_topk or prefix >= ranked.numel():
+                    break
+                prefix *= 4
+            keep = keep[torch.argsort(image_scores[keep], descending=True, stable=True)][: self.post_nms_topk]
+            proposals.append(image_boxes[keep])
+        # END SOLUTION
+        return proposals
+
+    @staticmethod
+    def _cat_across_fpn_levels(dict_with_fpn_levels: TensorDict, dim: int = 1) -> torch.Tensor:
+        """Concatenate the tensors of a dict of FPN levels along ``dim`` (level order of the dict)."""
+        return torch.cat(list(dict_with_fpn_levels.values()), dim=dim)
+
+
+##############################################################################
+# Faster R-CNN                                                               #
+##############################################################################
+
+
+class FasterRCNN(nn.Module):
+    """
+    Faster R-CNN: backbone + FPN, RPN (first stage) and an RoI head (second stage)
+    that classifies every proposal into ``num_classes + 1`` classes (0 is
+    background) and regresses one box per class (class-specific deltas with the
+    weights ``box_reg_weights``).
+
+    The RoI head: RoI Align (``roi_size``) from the proposal's FPN level, a stem of
+    3x3 convs (``stem_channels``, with ReLU), flatten, then two linear layers on the
+    same flattened features: ``cls_pred`` (``num_classes + 1`` logits) and
+    ``box_pred`` (``num_classes * 4`` deltas).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        rpn: nn.Module,
+        stem_channels: Union[int, List[int]],
+        num_classes: int,
+        batch_size_per_image: int,
+        roi_size: Tuple[int, int] = (7, 7),
+        fg_fraction: float = 0.25,
+        roi_iou_threshold: float = 0.5,
+        box_reg_weights: Tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0),
+        detections_per_image: int = 100,
+        test_score_thresh: float = 0.3,
+        test_nms_thresh: float = 0.5,
+    ):
+        """
+        Args:
+            backbone: ``DetectorBackboneWithFPN`` (anything whose ``forward`` maps
+                images or a c3/c4/c5 dict to p3/p4/p5 features, with ``fpn_strides``
+                and ``out_channels``).
+            rpn: The ``RPN``.
+            stem_channels: Channels of the 3x3 convs of the RoI head's stem.
+            num_classes: Number of object classes (background excluded).
+            batch_size_per_image: RoIs sampled per image to train the RoI head.
+            roi_size: Size of the RoI Align output grid.
+            fg_fraction: Largest fraction of foreground RoIs per sample.
+            roi_iou_threshold: IoU with a GT box from which a proposal is foreground
+                (below it is background; no neutral band).
+            box_reg_weights: Weights of the second stage's box deltas.
+            detections_per_image: Most detections returned per image.
+            test_score_thresh: Default score threshold at inference.
+            test_nms_thresh: Default NMS IoU threshold at inference.
+        """
+        super().__init__()
+        self.backbone = backbone
+        self.rpn = rpn
+        self.num_classes = num_classes
+        self.roi_size = tuple(roi_size)
+        self.batch_size_per_image = batch_size_per_image
+        self.fg_fraction = fg_fraction
+        self.roi_iou_threshold = roi_iou_threshold
+        self.box_reg_weights = tuple(float(w) for w in box_reg_weights)
+        self.detections_per_image = detections_per_image
+        self.test_score_thresh = test_score_thresh
+        self.test_nms_thresh = test_nms_thresh
+        stem_channels = _as_channel_list(stem_channels)
+        in_channels = backbone.out_channels
+
+        # BEGIN SOLUTION (faster_rcnn): build `self.roi_stem` (3x3 conv + ReLU per entry of stem_channels, then Flatten), `self.cls_pred` (Linear to num_classes + 1) and `self.box_pred` (Linear to num_classes * 4).
+        roi_stem = []
+        prev_channels = in_channels
+        for out_channels in stem_channels:
+            roi_stem += [nn.Conv2d(prev_channels, out_channels, 3, padding=1), nn.ReLU(inplace=True)]
+            prev_channels = out_channels
+        roi_stem.append(nn.Flatten())
+        self.roi_stem = nn.Sequential(*roi_stem)
+        flat_features = prev_channels * self.roi_size[0] * self.roi_size[1]
+        self.cls_pred = nn.Linear(flat_features, num_classes + 1)
+        self.box_pred = nn.Linear(flat_features, num_classes * 4)
+        for layer in self.roi_stem:
+            if isinstance(layer, nn.Conv2d):
+                nn.init.normal_(layer.weight, mean=0.0, std=0.01)
+                nn.init.zeros_(layer.bias)
+        # Small initial predictions: uniform class scores, boxes = proposals.
+        nn.init.normal_(self.cls_pred.weight, mean=0.0, std=0.01)
+        nn.init.normal_(self.box_pred.weight, mean=0.0, std=0.001)
+        nn.init.zeros_(self.cls_pred.bias)
+        nn.init.zeros_(self.box_pred.bias)
+        # END SOLUTION
+
+    def forward(
+        self,
+        images: Union[torch.Tensor, TensorDict],
+        gt_boxes: Optional[torch.Tensor] = None,
+        test_score_thresh: Optional[float] = None,
+        test_nms_thresh: Optional[float] = None,
+    ):
+        """
+        Args:
+            images: ``(B, 3, H, W)`` images, or a dict of backbone features
+                ``"c3", "c4", "c5"`` (the backbone is then skipped).
+            gt_boxes: ``(B, N, 5)`` GT boxes padded with ``-1`` rows (training).
+            test_score_thresh, test_nms_thresh: Inference thresholds (default: the
+                constructor's).
+
+        Returns:
+            Training: dict of scalar losses ``loss_rpn_obj, loss_rpn_box, loss_cls,
+            loss_box`` (their sum is the total loss).
+            Evaluation (one image): ``(pred_boxes (M, 4), pred_classes (M,),
+            pred_scores (M,))``. Use ``predict`` for batches.
+        """
+        feats_per_fpn_level = self.backbone(images)
+        strides = self.backbone.fpn_strides
+        image_size = image_size_of(images)
+        num_images = feats_per_fpn_level["p3"].shape[0]
+
+        if not self.training:
+            if num_images != 1:
+                raise ValueError(f"forward() in eval mode takes one image, got {num_images}: use predict()")
+            proposals = self.rpn(feats_per_fpn_level, strides, image_size=image_size)["proposals"]
+            detections = self._inference(
+                feats_per_fpn_level,
+                proposals,
+                image_size,
+                self.test_score_thresh if test_score_thresh is None else test_score_thresh,
+                self.test_nms_thresh if test_nms_thresh is None else test_nms_thresh,
+            )[0]
+            return detections["boxes"], detections["labels"], detections["scores"]
+
+        if gt_boxes is None:
+            raise ValueError("FasterRCNN needs `gt_boxes` in training mode")
+        output_dict = self.rpn(feats_per_fpn_level, strides, gt_boxes, image_size=image_size)
+        proposals_per_image = output_dict.pop("proposals")
+        losses = {name: value for name, value in output_dict.items()}
+
+        # BEGIN SOLUTION (faster_rcnn): add the GT boxes to the proposals, match them to the GT (IoU roi_iou_threshold, batched), sample batch_size_per_image RoIs per image (fg_fraction foreground), pool their features with multiscale_roi_align and compute loss_cls (cross-entropy over C+1 classes) and loss_box (L1 of the class-specific deltas of foreground RoIs), both divided by the number of sampled RoIs.
+        gt_boxes = gt_boxes.to(feats_per_fpn_level["p3"])
+        # Proposals (padded to the longest image) followed by the GT boxes: (B, P, 4),
+        # image-major, with `valid` telling real entries from padding.
+        num_proposals = torch.tensor([len(p) for p in proposals_per_image], device=gt_boxes.device)
+        padded = nn.utils.rnn.pad_sequence(proposals_per_image, batch_first=True).to(gt_boxes)
+        is_proposal = torch.arange(padded.shape[1], device=gt_boxes.device)[None, :] < num_proposals[:, None]
+        roi_candidates = torch.cat([padded, gt_boxes[..., :4]], dim=1)
+        valid = torch.cat([is_proposal, gt_boxes[..., 4] != -1], dim=1)
+        num_candidates = roi_candidates.shape[1]
+
+        # Match every candidate of every image to its own image's GT, at once. Every
+        # GT box is itself a candidate (IoU 1), so low-quality matches are not needed.
+        matched = rcnn_match_anchors_to_gt(
+            roi_candidates, gt_boxes, (self.roi_iou_threshold, self.roi_iou_threshold),
+            allow_low_quality_matches=False,
+        )
+        # Padding entries become neutral: the sampler never picks them.
+        matched = torch.where(valid[..., None], matched, torch.full_like(matched, NEUTRAL))
+        fg_idx, bg_idx = sample_rpn_training(matched, self.batch_size_per_image, self.fg_fraction)
+
+        # From here on, RoIs, image indices, features, labels and targets are all
+        # indexed by the same `sampled_idx`, so they cannot get out of order.
+        sampled_idx = torch.cat([fg_idx, bg_idx])
+        rois = roi_candidates.reshape(-1, 4)[sampled_idx]
+        roi_batch_idx = sampled_idx // num_candidates
+        roi_targets = matched.reshape(-1, 5)[sampled_idx]
+        roi_feats = multiscale_roi_align(feats_per_fpn_level, strides, rois, roi_batch_idx, self.roi_size)
+
+        flat_feats = self.roi_stem(roi_feats)
+        cls_logits = self.cls_pred(flat_feats)  # (K, C + 1)
+        box_deltas = self.box_pred(flat_feats).reshape(-1, self.num_classes, 4)  # (K, C, 4)
+
+        # Background (-1) -> logit 0, class c -> logit c + 1.
+        gt_classes = roi_targets[:, 4].long() + 1
+        num_rois = max(sampled_idx.numel(), 1)
+        loss_cls = F.cross_entropy(cls_logits, gt_classes, reduction="sum") / num_rois
+
+        # Class-specific regression: only the deltas of the GT class of foreground RoIs.
+        is_fg = gt_classes > 0
+        fg_rows = torch.nonzero(is_fg).squeeze(1)
+        fg_preds = box_deltas[fg_rows, gt_classes[fg_rows] - 1]
+        fg_targets = rcnn_get_deltas_from_anchors(rois[fg_rows], roi_targets[fg_rows], self.box_reg_weights)
+        loss_box = F.l1_loss(fg_preds, fg_targets, reduction="sum") / num_rois
+
+        losses["loss_cls"] = loss_cls
+        losses["loss_box"] = loss_box
+        # END SOLUTION
+        return losses
+
+    @torch.no_grad()
+    def predict(
+        self,
+        images: Union[torch.Tensor, TensorDict],
+        score_thresh: float = 0.3,
+        nms_thresh: float = 0.5,
+    ) -> List[Dict[str, torch.Tensor]]:
+        """
+        Detect objects in a batch of images (or cached c3/c4/c5 features). Runs in
+        eval mode and restores the previous mode afterwards.
+
+        Returns:
+            One dict per image with ``"boxes"`` ``(M, 4)``, ``"labels"`` ``(M,)``
+            (0-based classes) and ``"scores"`` ``(M,)``, in decreasing score,
+            ``M <= detections_per_image``.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            feats_per_fpn_level = self.backbone(images)
+            image_size = image_size_of(images)
+            strides = self.backbone.fpn_strides
+            proposals = self.rpn(feats_per_fpn_level, strides, image_size=image_size)["proposals"]
+            return self._inference(feats_per_fpn_level, proposals, image_size, score_thresh, nms_thresh)
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def _inference(
+        self,
+        feats_per_fpn_level: TensorDict,
+        proposals_per_image: List[torch.Tensor],
+        image_size: Tuple[int, int],
+        score_thresh: float,
+        nms_thresh: float,
+    ) -> List[Dict[str, torch.Tensor]]:
+        """
+        Second stage at inference, for a batch: every (proposal, class) pair is a
+        candidate detection with the softmax probability of that class and the box
+        decoded from that class's deltas. Background is dropped, candidates below
+        ``score_thresh`` or with empty boxes are dropped, class-specific NMS runs
+        per image and the best ``detections_per_image`` of each image are kept.
+
+        Returns:
+            One dict per image, as ``predict``.
+        """
+        num_images = len(proposals_per_image)
+        # BEGIN SOLUTION (faster_rcnn_inference): pool the proposals of all images with multiscale_roi_align, run the RoI head, decode one box per (proposal, class) with box_reg_weights, clip, drop background and low scores, run class-specific NMS per image and keep detections_per_image per image.
+        strides = self.backbone.fpn_strides
+        device = feats_per_fpn_level["p3"].device
+        rois = torch.cat(proposals_per_image, dim=0)
+        num_proposals = torch.tensor([len(p) for p in proposals_per_image], device=device)
+        roi_batch_idx = torch.repeat_interleave(torch.arange(num_images, device=device), num_proposals)
+        roi_feats = multiscale_roi_align(feats_per_fpn_level, strides, rois, roi_batch_idx, self.roi_size)
+
+        flat_feats = self.roi_stem(roi_feats)
+        probs = F.softmax(self.cls_pred(flat_feats), dim=1)[:, 1:]  # (K, C), background dropped
+        deltas = self.box_pred(flat_feats).reshape(-1, self.num_classes, 4)
+        boxes = rcnn_apply_deltas_to_anchors(deltas, rois[:, None, :], self.box_reg_weights)  # (K, C, 4)
+        boxes = _clip_boxes(boxes, image_size)
+
+        # Flatten to one candidate per (proposal, class).
+        num_rois = rois.shape[0]
+        labels = torch.arange(self.num_classes, device=device).repeat(num_rois)
+        image_ids = roi_batch_idx.repeat_interleave(self.num_classes)
+        scores, boxes = probs.reshape(-1), boxes.reshape(-1, 4)
+        widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+        keep = (scores > score_thresh) & (widths > 0) & (heights > 0)
+        boxes, scores, labels, image_ids = boxes[keep], scores[keep], labels[keep], image_ids[keep]
+
+        # Candidates are in RoI order, i.e. grouped by image: split them and run one
+        # class-specific NMS per image (see RPN.predict_proposals for why per image).
+        counts = torch.bincount(image_ids, minlength=num_images).tolist()
+        detections = []
+        for image_boxes, image_scores, image_labels in zip(
+            boxes.split(counts), scores.split(counts), labels.split(counts)
+        ):
+            keep = class_spec_nms(image_boxes, image_scores, image_labels, nms_thresh)
+            keep = keep[torch.argsort(image_scores[keep], descending=True)][: self.detections_per_image]
+            detections.append(
+                {"boxes": image_boxes[keep], "labels": image_labels[keep], "scores": image_scores[keep]}
+            )
+        # END SOLUTION
+        return detections
