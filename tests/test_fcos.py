@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import urllib.error
-from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import pytest
 import torch
@@ -634,6 +632,23 @@ def test_float64_training_and_prediction():
 
 
 @pytest.mark.part("fcos_loss")
+def test_autocast_losses_and_boxes_in_float32():
+    """Under autocast (bfloat16 on CPU, float16 on GPUs) losses and decoded boxes stay
+    float32: pixel areas overflow float16 and lose precision in bfloat16."""
+    torch.manual_seed(0)
+    model = tiny_fcos().train()
+    images = torch.randn(2, 3, 128, 128)
+    gt = torch.tensor([[[0.0, 0.0, 120.0, 110.0, 1.0], [10.0, 10.0, 40.0, 50.0, 2.0]]]).repeat(2, 1, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model(images, gt)
+        detections = model.predict(images, score_thresh=0.0)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    assert losses["loss_box"] > 0
+    sum(losses.values()).backward()
+    assert detections[0]["boxes"].dtype == torch.float32
+
+
+@pytest.mark.part("fcos_loss")
 def test_normalizer_buffer_checkpoint_resume_and_eval():
     torch.manual_seed(0)
     model = tiny_fcos().train()
@@ -830,3 +845,6 @@ def test_predict_and_eval_forward_on_random_model():
     assert classes.shape == scores.shape == (boxes.shape[0],)
     with pytest.raises(ValueError):
         model(images)  # eval forward is for one image; predict handles batches
+    # Nothing above the threshold: empty, well-typed outputs.
+    for det in model.predict(images, score_thresh=1.0):
+        assert det["boxes"].shape == (0, 4) and det["labels"].shape == (0,) and det["scores"].shape == (0,)
