@@ -966,15 +966,20 @@ def class_spec_nms(
 
     Trick: shift the boxes of each class by a class-dependent offset larger
     than all coordinates, so that boxes of different classes can no longer
-    overlap, and run one ``nms`` on everything. The result is identical to
-    ``torchvision.ops.batched_nms`` (which uses the same offsets up to 1000
-    boxes). ``nms`` notices that the shifted classes are spatially separate
-    and handles them as independent clusters, so the cost grows with the
-    square of the class sizes, not of the total number of boxes.
+    overlap, and run one ``nms`` on everything. ``nms`` notices that the
+    shifted classes are spatially separate and handles them as independent
+    clusters, so the cost grows with the square of the class sizes, not of
+    the total number of boxes.
+
+    The shifted boxes are in float64: in float32, an offset of a few thousand
+    pixels leaves only about 1e-3 px of precision, enough to flip IoU
+    comparisons near the threshold. In float64 the IoUs are those of the
+    unshifted boxes, so the result is identical to
+    ``torchvision.ops.batched_nms`` (which runs one NMS per class on large
+    inputs).
 
     Args:
-        boxes: ``(N, 4)`` XYXY boxes (non-negative coordinates, e.g. clipped
-            to the image, so that the offsets separate the classes).
+        boxes: ``(N, 4)`` XYXY boxes.
         scores: ``(N,)`` scores.
         class_ids: ``(N,)`` integer class (or any group) ids.
         iou_threshold: IoU threshold of ``nms``.
@@ -984,10 +989,11 @@ def class_spec_nms(
     """
     if boxes.numel() == 0:
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
-    max_coordinate = boxes.max()
-    offsets = class_ids.to(boxes) * (max_coordinate + torch.tensor(1).to(boxes))
-    boxes_for_nms = boxes + offsets[:, None]
-    return nms(boxes_for_nms, scores, iou_threshold)
+    boxes64 = boxes.to(torch.float64)
+    # Shift by (span + 1) per class: classes then lie in disjoint x/y ranges.
+    span = boxes64.max() - boxes64.min()
+    offsets = class_ids.to(boxes64) * (span + 1)
+    return nms(boxes64 + offsets[:, None], scores, iou_threshold)
 
 
 ###############################################################################
