@@ -14,3 +14,23 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 _shared = Path(__file__).resolve().parent.parent / "shared"
 os.environ.setdefault("VOC_ROOT", str(_shared / "data"))
 os.environ.setdefault("TORCH_HOME", str(_shared / "weights"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip the notebooks, with the reason, when the VOC2007 data is not there.
+
+    They load real images; without data (and without internet, the download fails)
+    they cannot run. The unit tests make their own tiny datasets and still run.
+    """
+    import pytest
+
+    voc = Path(os.environ["VOC_ROOT"]) / "VOCdevkit" / "VOC2007"
+    if voc.is_dir():
+        return
+    skip = pytest.mark.skip(
+        reason=f"the notebooks need PASCAL VOC2007 at VOC_ROOT={os.environ['VOC_ROOT']} "
+        "(set VOC_ROOT to a VOCdevkit copy, or run them in Colab, which downloads it)"
+    )
+    for item in items:
+        if item.path.suffix == ".ipynb":
+            item.add_marker(skip)
