@@ -276,18 +276,22 @@ def memory_probe(kind: str, impl: str, args: argparse.Namespace) -> Dict[str, An
     gc.collect()
     result: Dict[str, Any] = {"kind": kind, "impl": impl}
 
+    def run_phase(phase: str, fn) -> None:
+        """Two inference calls (eval mode, no grad) or two training steps."""
+        if phase == "infer":
+            model.eval()
+            with torch.no_grad(), autocast_ctx(device, args.amp):
+                fn(); fn()  # noqa: E702
+        else:
+            model.train()
+            fn(); fn()  # noqa: E702
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
         for phase, fn in (("infer", infer), ("train", step)):
             torch.cuda.reset_peak_memory_stats(device)
-            if phase == "infer":
-                model.eval()
-                with torch.no_grad(), autocast_ctx(device, args.amp):
-                    fn(); fn()  # noqa: E702
-            else:
-                model.train()
-                fn(); fn()  # noqa: E702
+            run_phase(phase, fn)
             torch.cuda.synchronize(device)
             result[f"{phase}_peak_mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
         result["method"] = "torch.cuda.max_memory_allocated - allocated after build"
@@ -297,13 +301,7 @@ def memory_probe(kind: str, impl: str, args: argparse.Namespace) -> Dict[str, An
     exact = _reset_peak_rss()
     for phase, fn in (("infer", infer), ("train", step)):
         _reset_peak_rss()
-        if phase == "infer":
-            model.eval()
-            with torch.no_grad(), autocast_ctx(device, args.amp):
-                fn(); fn()  # noqa: E702
-        else:
-            model.train()
-            fn(); fn()  # noqa: E702
+        run_phase(phase, fn)
         result[f"{phase}_peak_mib"] = (_proc_status_kib("VmHWM") - base_kib) / 1024
     result["method"] = ("peak RSS (VmHWM, reset via clear_refs) - RSS after build" if exact
                         else "VmHWM - RSS after build (VmHWM not resettable: includes construction)")
