@@ -996,6 +996,44 @@ def class_spec_nms(
     return nms(boxes64 + offsets[:, None], scores, iou_threshold)
 
 
+def split_kept_per_image(
+    keep: torch.Tensor,
+    image_ids: torch.Tensor,
+    num_images: int,
+    max_per_image: Optional[int] = None,
+) -> List[torch.Tensor]:
+    """
+    Split the survivors of one NMS over a whole batch by image.
+
+    Detectors run a single ``class_spec_nms`` for all images at once (groups =
+    (image, class) pairs): far fewer calls than one NMS per image. This gives
+    back each image's share, best first, capped at ``max_per_image``.
+
+    Args:
+        keep: ``(K,)`` indices of the kept candidates by decreasing score (as
+            returned by ``nms`` / ``class_spec_nms``).
+        image_ids: ``(N,)`` image index of every candidate.
+        num_images: Batch size ``B`` (images without survivors get an empty
+            tensor).
+        max_per_image: Keep at most this many per image (``None``: all).
+
+    Returns:
+        List of ``B`` int64 tensors of candidate indices, by decreasing score.
+    """
+    # A stable sort by image groups `keep` per image and keeps the score order
+    # within each image; an entry's rank in its image is its position minus
+    # the position where its image starts.
+    keep = keep[torch.sort(image_ids[keep], stable=True).indices]
+    kept_image_ids = image_ids[keep]
+    counts = torch.bincount(kept_image_ids, minlength=num_images)
+    if max_per_image is not None:
+        starts = torch.cumsum(counts, dim=0) - counts
+        rank = torch.arange(keep.numel(), device=keep.device) - starts[kept_image_ids]
+        keep = keep[rank < max_per_image]
+        counts = counts.clamp(max=max_per_image)
+    return list(keep.split(counts.tolist()))
+
+
 ###############################################################################
 # FCOS detector
 ###############################################################################
@@ -1034,6 +1072,7 @@ class FCOS(nn.Module):
         *,
         center_sampling_radius: Optional[float] = 1.5,
         box_loss: str = "giou",
+        centerness_weighted_box_loss: bool = True,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
         topk_candidates: int = 1000,
@@ -1052,6 +1091,12 @@ class FCOS(nn.Module):
                 (``None`` = plain inside-box rule).
             box_loss: "giou" (default, FCOS v2) or "l1" (course: L1 on
                 deltas, weighted 0.25).
+            centerness_weighted_box_loss: With ``box_loss="giou"``, weight
+                each foreground location's GIoU loss by its centerness target
+                (weights rescaled to mean 1 over the batch), as the official
+                FCOS, AdelaiDet and mmdetection do: central locations, whose
+                boxes win at inference (scores include centerness), get the
+                most box supervision. ``False``: uniform (torchvision).
             focal_alpha, focal_gamma: Focal loss parameters.
             topk_candidates: Candidates kept per level before NMS.
             detections_per_image: Maximum number of detections per image.
@@ -1068,6 +1113,7 @@ class FCOS(nn.Module):
         self.pred_net = FCOSPredictionNetwork(num_classes, fpn_channels, stem_channels)
         self.center_sampling_radius = center_sampling_radius
         self.box_loss = box_loss
+        self.centerness_weighted_box_loss = centerness_weighted_box_loss
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
         self.topk_candidates = topk_candidates
@@ -1178,7 +1224,7 @@ class FCOS(nn.Module):
             The EMA is updated here (training mode only).
         """
         losses: TensorDict = {}
-        # BEGIN SOLUTION (fcos_loss): Match locations to GT (batched), build class one-hot / delta / centerness targets, update the foreground EMA, and compute focal, GIoU (or 0.25 * L1) and centerness BCE losses over foreground, normalized by EMA * batch size.
+        # BEGIN SOLUTION (fcos_loss): Match locations to GT (batched), build class one-hot / delta / centerness targets, update the foreground EMA, and compute focal, GIoU (centerness-weighted, mean-1 weights; or 0.25 * L1) and centerness BCE losses over foreground, normalized by EMA * batch size.
         strides_per_fpn_level = self.backbone.fpn_strides
         matched_per_level = fcos_match_locations_to_gt(
             locations_per_fpn_level,
@@ -1225,17 +1271,20 @@ class FCOS(nn.Module):
         gt_deltas = fcos_get_deltas_from_locations(locations, matched_gt, strides)  # (B, L, 4)
         fg_pred_deltas = pred_box[foreground]  # (K, 4)
         fg_gt_deltas = gt_deltas[foreground]
+        gt_centerness = fcos_make_centerness_targets(fg_gt_deltas)  # (K,)
         if self.box_loss == "giou":
             fg_locations = locations.expand(num_images, -1, -1)[foreground]
             fg_strides = strides.expand(num_images, -1, -1)[foreground]
             fg_pred_boxes = fcos_apply_deltas_to_locations(fg_pred_deltas, fg_locations, fg_strides)
-            loss_box = generalized_box_iou_loss(
-                fg_pred_boxes, matched_gt[foreground][:, :4], reduction="sum"
-            )
+            giou_loss = generalized_box_iou_loss(fg_pred_boxes, matched_gt[foreground][:, :4])  # (K,)
+            if self.centerness_weighted_box_loss and giou_loss.numel() > 0:
+                # Mean-1 weights keep the loss scale of the uniform version.
+                weights = gt_centerness / gt_centerness.mean().clamp(min=1e-6)
+                giou_loss = weights * giou_loss
+            loss_box = giou_loss.sum()
         else:
             loss_box = 0.25 * (fg_pred_deltas - fg_gt_deltas).abs().sum()
 
-        gt_centerness = fcos_make_centerness_targets(fg_gt_deltas)  # (K,)
         loss_ctr = F.binary_cross_entropy_with_logits(
             pred_ctr[foreground].squeeze(-1), gt_centerness, reduction="sum"
         )
@@ -1361,18 +1410,7 @@ class FCOS(nn.Module):
         # One NMS for the whole batch: a group per (image, class).
         keep = class_spec_nms(boxes, scores, image_ids * num_classes + labels, nms_thresh)
 
-        # Cap per image: keep is sorted by score; a stable sort by image id
-        # groups it per image while keeping the score order, and the rank of a
-        # detection within its image is its position minus its image's start.
-        keep = keep[torch.sort(image_ids[keep], stable=True).indices]
-        kept_image_ids = image_ids[keep]
-        counts = torch.bincount(kept_image_ids, minlength=num_images)
-        starts = torch.cumsum(counts, dim=0) - counts
-        rank = torch.arange(keep.numel(), device=keep.device) - starts[kept_image_ids]
-        keep = keep[rank < self.detections_per_image]
-        counts = counts.clamp(max=self.detections_per_image)
-
-        for keep_image in keep.split(counts.tolist()):
+        for keep_image in split_kept_per_image(keep, image_ids, num_images, self.detections_per_image):
             detections.append(
                 {"boxes": boxes[keep_image], "labels": labels[keep_image], "scores": scores[keep_image]}
             )

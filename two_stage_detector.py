@@ -56,6 +56,7 @@ from fcos import (  # noqa: F401  (DetectorBackboneWithFPN is re-exported for no
     get_fpn_location_coords,
     image_size_of,
     nms,
+    split_kept_per_image,
 )
 
 # Value of the rows of neutral anchors / proposals (ignored in training), and of their
@@ -110,7 +111,7 @@ class RPNPredictionNetwork(nn.Module):
         super().__init__()
         self.num_anchors = num_anchors
         stem_channels = _as_channel_list(stem_channels)
-        # BEGIN SOLUTION (rpn_head): build `self.stem_rpn` (3x3 conv + ReLU per entry of stem_channels) and the 1x1 convs `self.pred_obj` (A channels) and `self.pred_box` (4A channels), all initialised with N(0, 0.01) weights and zero biases.
+        # BEGIN SOLUTION (rpn_head): build `self.stem_rpn` (3x3 conv + ReLU per entry of stem_channels) and the 1x1 convs `self.pred_obj` (A channels) and `self.pred_box` (4A channels); He-initialise the stem convs, N(0, 0.01) the 1x1 convs, zero biases.
         stem_rpn = []
         prev_channels = in_channels
         for out_channels in stem_channels:
@@ -119,13 +120,19 @@ class RPNPredictionNetwork(nn.Module):
         self.stem_rpn = nn.Sequential(*stem_rpn)
         self.pred_obj = nn.Conv2d(prev_channels, num_anchors, 1)
         self.pred_box = nn.Conv2d(prev_channels, 4 * num_anchors, 1)
-        # Small random weights and zero biases (as in the paper): the initial
-        # objectness is 0.5 everywhere and the initial deltas are ~0, so training
-        # starts from the anchors themselves.
-        for layer in self.modules():
+        # Stem: He (fan-out) init. The paper's N(0, 0.01) suits its single conv, but
+        # each extra N(0, 0.01) conv shrinks the features ~10x, and the objectness
+        # loss then sits at log(2) for hundreds of iterations.
+        # Predictors: small random weights and zero biases (as in the paper): the
+        # initial objectness is 0.5 everywhere and the initial deltas are ~0, so
+        # training starts from the anchors themselves.
+        for layer in self.stem_rpn:
             if isinstance(layer, nn.Conv2d):
-                nn.init.normal_(layer.weight, mean=0.0, std=0.01)
+                nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
                 nn.init.zeros_(layer.bias)
+        for layer in (self.pred_obj, self.pred_box):
+            nn.init.normal_(layer.weight, mean=0.0, std=0.01)
+            nn.init.zeros_(layer.bias)
         # END SOLUTION
 
     def forward(self, feats_per_fpn_level: TensorDict) -> List[TensorDict]:
@@ -873,7 +880,7 @@ class RPN(nn.Module):
         """
         if isinstance(image_size, int):
             image_size = (image_size, image_size)
-        # BEGIN SOLUTION (rpn_proposals): per level take the pre_nms_topk anchors of every image, decode and clip them, drop tiny boxes, run NMS per image, and keep the post_nms_topk best proposals of every image.
+        # BEGIN SOLUTION (rpn_proposals): per level take the pre_nms_topk anchors of every image, decode and clip them, drop tiny boxes, run NMS within each image (one batched call), and keep the post_nms_topk best proposals of every image.
         boxes_per_level, scores_per_level = [], []
         for level_name, level_anchors in anchors_per_fpn_level.items():
             logits = pred_obj_logits[level_name]  # (B, A_l)
@@ -890,27 +897,34 @@ class RPN(nn.Module):
         widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
         valid = (widths > self.min_proposal_size) & (heights > self.min_proposal_size)
 
-        proposals = []
-        for image_idx in range(boxes.shape[0]):
-            # One NMS call per image: a single call over the batch (offset trick of
-            # class_spec_nms) would compare every box with the boxes of all images,
-            # which costs O(B^2) and is much slower for batches of 8 or more.
-            image_boxes = boxes[image_idx][valid[image_idx]]
-            image_scores = scores[image_idx][valid[image_idx]]
-            # Only the best `post_nms_topk` survivors are needed, and greedy NMS decides
-            # each box from higher-scored boxes only: NMS on the top-M boxes gives the
-            # first survivors of NMS on all boxes. So try a short prefix first and grow
-            # it only when too few boxes survive (same result, a fraction of the cost).
-            ranked = torch.argsort(image_scores, descending=True, stable=True)
-            prefix = 4 * self.post_nms_topk
-            while True:
-                candidates = ranked[:prefix]
-                keep = candidates[nms(image_boxes[candidates], image_scores[candidates], self.nms_thresh)]
-                if keep.numel() >= self.post_nms_topk or prefix >= ranked.numel():
-                    break
-                prefix *= 4
-            keep = keep[torch.argsort(image_scores[keep], descending=True, stable=True)][: self.post_nms_topk]
-            proposals.append(image_boxes[keep])
+        num_images, num_candidates = scores.shape
+        # Only the best `post_nms_topk` survivors are needed, and greedy NMS decides
+        # each box from higher-scored boxes only: NMS on the top-M boxes of an image
+        # gives the first survivors of NMS on all of them. So run NMS on a short
+        # prefix of every image first and grow it only for the images where too few
+        # boxes survive (same result, a fraction of the cost). One NMS call handles
+        # all pending images (an image is a group of class_spec_nms).
+        ranked = torch.argsort(scores.masked_fill(~valid, -math.inf), dim=1, descending=True, stable=True)
+        num_valid = valid.sum(dim=1)
+        proposals: List[torch.Tensor] = [boxes.new_zeros((0, 4))] * num_images
+        pending = torch.arange(num_images, device=boxes.device)
+        prefix = 4 * self.post_nms_topk
+        while pending.numel() > 0:
+            width = min(prefix, num_candidates)
+            candidates = ranked[pending, :width]  # (P, width)
+            in_prefix = torch.arange(width, device=boxes.device) < num_valid[pending, None]
+            image_idx = pending[:, None].expand_as(candidates)[in_prefix]
+            candidates = candidates[in_prefix]
+            keep = class_spec_nms(boxes[image_idx, candidates], scores[image_idx, candidates], image_idx, self.nms_thresh)
+            kept = split_kept_per_image(keep, image_idx, num_images, self.post_nms_topk)
+            done = [
+                image for image in pending.tolist()
+                if len(kept[image]) >= self.post_nms_topk or width >= int(num_valid[image])
+            ]
+            for image in done:
+                proposals[image] = boxes[image, candidates[kept[image]]]
+            pending = pending[~torch.isin(pending, pending.new_tensor(done))]
+            prefix *= 4
         # END SOLUTION
         return proposals
 
@@ -997,9 +1011,13 @@ class FasterRCNN(nn.Module):
         flat_features = prev_channels * self.roi_size[0] * self.roi_size[1]
         self.cls_pred = nn.Linear(flat_features, num_classes + 1)
         self.box_pred = nn.Linear(flat_features, num_classes * 4)
+        # He (fan-out) init for the stem: unlike the RPN's single conv, two or more
+        # N(0, 0.01) convs in a row shrink the RoI features ~10x per layer, and
+        # the linear layers above then learn very slowly (3 AP50 lower on VOC07
+        # with the CPU recipe). Torchvision and detectron2 init this head the same way.
         for layer in self.roi_stem:
             if isinstance(layer, nn.Conv2d):
-                nn.init.normal_(layer.weight, mean=0.0, std=0.01)
+                nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
                 nn.init.zeros_(layer.bias)
         # Small initial predictions: uniform class scores, boxes = proposals.
         nn.init.normal_(self.cls_pred.weight, mean=0.0, std=0.01)
@@ -1173,17 +1191,12 @@ class FasterRCNN(nn.Module):
         keep = (scores > score_thresh) & (widths > 0) & (heights > 0)
         boxes, scores, labels, image_ids = boxes[keep], scores[keep], labels[keep], image_ids[keep]
 
-        # Candidates are in RoI order, i.e. grouped by image: split them and run one
-        # class-specific NMS per image (see RPN.predict_proposals for why per image).
-        counts = torch.bincount(image_ids, minlength=num_images).tolist()
+        # One class-specific NMS for the whole batch: a group per (image, class).
+        keep = class_spec_nms(boxes, scores, image_ids * self.num_classes + labels, nms_thresh)
         detections = []
-        for image_boxes, image_scores, image_labels in zip(
-            boxes.split(counts), scores.split(counts), labels.split(counts)
-        ):
-            keep = class_spec_nms(image_boxes, image_scores, image_labels, nms_thresh)
-            keep = keep[torch.argsort(image_scores[keep], descending=True)][: self.detections_per_image]
+        for keep_image in split_kept_per_image(keep, image_ids, num_images, self.detections_per_image):
             detections.append(
-                {"boxes": image_boxes[keep], "labels": image_labels[keep], "scores": image_scores[keep]}
+                {"boxes": boxes[keep_image], "labels": labels[keep_image], "scores": scores[keep_image]}
             )
         # END SOLUTION
         return detections

@@ -206,6 +206,9 @@ def test_accuracy_results_table(tmp_path):
     text = accuracy.results_markdown(tmp_path)
     assert "| FCOS | ours | mobilenet_v2 | frozen backbone, feature cache |" in text
     assert "25.0" in text and "30.0" in text and "n/a" in text
+    # total = cache build (1 s) + training (12 s) + evaluation (3 s)
+    assert "| 1 s | 12 s | 3 s | 16 s |" in text
+    assert text.count("Feature cache (train): 4 images x 1 variants (orig), built in 1 s.") == 1
     assert "python benchmarks/accuracy.py --iters 10" in text
 
 

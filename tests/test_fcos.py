@@ -552,6 +552,7 @@ def _reference_losses(model: FCOS, locations, cls_logits, box_deltas, ctr_logits
     num_images = gt.shape[0]
     loss_cls = loss_box = loss_ctr = 0.0
     num_fg = 0
+    giou_losses, centernesses = [], []
     for b in range(num_images):
         matched = fcos_match_locations_to_gt(locations, STRIDES, gt[b], model.center_sampling_radius)
         for name, locs in locations.items():
@@ -567,21 +568,28 @@ def _reference_losses(model: FCOS, locations, cls_logits, box_deltas, ctr_logits
             if model.box_loss == "giou":
                 d = pred.clamp(min=0) * s
                 pred_boxes = torch.stack([x - d[:, 0], y - d[:, 1], x + d[:, 2], y + d[:, 3]], dim=1)
-                loss_box = loss_box + torchvision.ops.generalized_box_iou_loss(pred_boxes, m[fg, :4], reduction="sum")
+                giou_losses.append(torchvision.ops.generalized_box_iou_loss(pred_boxes, m[fg, :4]))
             else:
                 loss_box = loss_box + 0.25 * (pred - ltrb / s).abs().sum()
             l, t, r, bb = ltrb.unbind(1)
             centerness = torch.sqrt(torch.minimum(l, r) / torch.maximum(l, r) * torch.minimum(t, bb) / torch.maximum(t, bb))
+            centernesses.append(centerness)
             loss_ctr = loss_ctr + F.binary_cross_entropy_with_logits(ctr_logits[name][b][fg, 0], centerness, reduction="sum")
+    if model.box_loss == "giou":
+        giou, centerness = torch.cat(giou_losses), torch.cat(centernesses)
+        # Centerness weighting (official FCOS): weights rescaled to mean 1 over the batch.
+        weights = centerness / centerness.mean() if model.centerness_weighted_box_loss else 1.0
+        loss_box = (weights * giou).sum()
     normalizer = (0.9 * 150.0 + 0.1 * num_fg / num_images) * num_images
     return {"loss_cls": loss_cls / normalizer, "loss_box": loss_box / normalizer, "loss_ctr": loss_ctr / normalizer}, num_fg
 
 
 @pytest.mark.part("fcos_loss")
-@pytest.mark.parametrize("box_loss,radius", [("giou", 1.5), ("l1", None)])
-def test_fcos_losses_equal_reference(box_loss, radius):
+@pytest.mark.parametrize("box_loss,radius,weighted", [("giou", 1.5, True), ("giou", 1.5, False), ("l1", None, True)])
+def test_fcos_losses_equal_reference(box_loss, radius, weighted):
     torch.manual_seed(0)
-    model = tiny_fcos(num_classes=4, box_loss=box_loss, center_sampling_radius=radius).train()
+    model = tiny_fcos(num_classes=4, box_loss=box_loss, center_sampling_radius=radius,
+                      centerness_weighted_box_loss=weighted).train()
     images = torch.randn(3, 3, 128, 96)
     gt = random_gt(3, 96, num_classes=4, max_boxes=4, seed=2)
     locations, cls_logits, box_deltas, ctr_logits = model._run_network(images)
