@@ -18,7 +18,7 @@ times, > 1 means ours is faster for throughputs):
   other's allocations). CUDA: ``torch.cuda.max_memory_allocated`` minus the memory
   allocated after building the model and the batch. CPU: the peak resident set size
   (``VmHWM`` of ``/proc/self/status``, reset through ``/proc/self/clear_refs``) minus the
-  resident set after building the model and the batch; this counts what the allocator
+  resident set at the start of the phase (after building the model and the batch); this counts what the allocator
   actually took from the OS for activations, gradients and optimizer state (an upper
   bound of the live tensors; allocator caching included).
 * **NMS**: our ``fcos.nms`` vs ``torchvision.ops.nms`` (compiled C++/CUDA kernel) on 1k,
@@ -300,10 +300,16 @@ def memory_probe(kind: str, impl: str, args: argparse.Namespace) -> Dict[str, An
     base_kib = _proc_status_kib("VmRSS")
     exact = _reset_peak_rss()
     for phase, fn in (("infer", infer), ("train", step)):
-        _reset_peak_rss()
+        # Each phase is measured from the resident set at its own start, read right after
+        # resetting the peak (so peak >= start): garbage freed in between (e.g. left by
+        # earlier work in the same process) would otherwise make the difference negative.
+        gc.collect()
+        if exact:
+            _reset_peak_rss()
+        start_kib = _proc_status_kib("VmRSS") if exact else base_kib
         run_phase(phase, fn)
-        result[f"{phase}_peak_mib"] = (_proc_status_kib("VmHWM") - base_kib) / 1024
-    result["method"] = ("peak RSS (VmHWM, reset via clear_refs) - RSS after build" if exact
+        result[f"{phase}_peak_mib"] = (_proc_status_kib("VmHWM") - start_kib) / 1024
+    result["method"] = ("peak RSS (VmHWM, reset via clear_refs) - RSS at the start of the phase" if exact
                         else "VmHWM - RSS after build (VmHWM not resettable: includes construction)")
     return result
 

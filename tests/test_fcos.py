@@ -148,6 +148,52 @@ def test_frozen_backbone_mode():
     assert all(not f.requires_grad for f in feats.values())
 
 
+def _randomize_batchnorm(module: torch.nn.Module, seed: int = 0) -> None:
+    """Non-trivial BatchNorm statistics and affine parameters (fresh ones are 0/1)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.rand(m.num_features, generator=gen) * 2 - 1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.bias.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
+
+
+@pytest.mark.part("fpn")
+@pytest.mark.parametrize("backbone", ["regnet_x_400mf", "mobilenet_v2"])
+def test_folded_batchnorm_backbone(backbone):
+    """Eval-mode features without autograd come from a BatchNorm-folded copy of the CNN:
+    same values, no BatchNorm left, not in the state dict, rebuilt when weights change.
+    (Provided code, but building the module needs the FPN layers.)"""
+    torch.manual_seed(0)
+    model = DetectorBackboneWithFPN(8, backbone=backbone, pretrained=False, freeze_backbone=True)
+    _randomize_batchnorm(model.backbone)
+    images = torch.randn(2, 3, 64, 96)
+    reference = dict(model.backbone(images))  # the unfolded CNN, called directly
+    feats = model.extract_features(images)  # frozen => no_grad => folded copy
+    folded = model._folded_backbone()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules()) > 10
+    for name in ("c3", "c4", "c5"):
+        torch.testing.assert_close(feats[name], reference[name], rtol=1e-4, atol=1e-4)
+    assert not any("folded" in key for key in model.state_dict())
+    assert model._folded_backbone() is folded, "unchanged weights reuse the folded copy"
+
+    # New weights (as when loading a checkpoint): the folded copy is rebuilt.
+    _randomize_batchnorm(model.backbone, seed=1)
+    reference = dict(model.backbone(images))
+    feats = model.extract_features(images)
+    assert model._folded_backbone() is not folded
+    torch.testing.assert_close(feats["c5"], reference["c5"], rtol=1e-4, atol=1e-4)
+
+    # A trainable CNN in train mode uses the real one: BatchNorm batch statistics, gradients.
+    trainable = DetectorBackboneWithFPN(8, backbone=backbone, pretrained=False).train()
+    feats = trainable.extract_features(images)
+    feats["c5"].sum().backward()
+    assert all(p.grad is not None for p in trainable.backbone.parameters() if p.requires_grad)
+
+
 @pytest.mark.part("provided")
 def test_missing_weights_error_names_file_and_cache(tmp_path, monkeypatch):
     """Offline and not cached: a RuntimeError that says which file, where, and what to do."""
