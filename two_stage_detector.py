@@ -915,15 +915,16 @@ class RPN(nn.Module):
             in_prefix = torch.arange(width, device=boxes.device) < num_valid[pending, None]
             image_idx = pending[:, None].expand_as(candidates)[in_prefix]
             candidates = candidates[in_prefix]
-            keep = class_spec_nms(boxes[image_idx, candidates], scores[image_idx, candidates], image_idx, self.nms_thresh)
+            keep = class_spec_nms(
+                boxes[image_idx, candidates], scores[image_idx, candidates], image_idx, self.nms_thresh
+            )
             kept = split_kept_per_image(keep, image_idx, num_images, self.post_nms_topk)
-            done = [
-                image for image in pending.tolist()
-                if len(kept[image]) >= self.post_nms_topk or width >= int(num_valid[image])
-            ]
-            for image in done:
+            num_kept = torch.tensor([len(k) for k in kept], device=boxes.device)[pending]
+            # Done: enough survivors, or the prefix already held every valid box.
+            done = (num_kept >= self.post_nms_topk) | (num_valid[pending] <= width)
+            for image in pending[done].tolist():
                 proposals[image] = boxes[image, candidates[kept[image]]]
-            pending = pending[~torch.isin(pending, pending.new_tensor(done))]
+            pending = pending[~done]
             prefix *= 4
         # END SOLUTION
         return proposals

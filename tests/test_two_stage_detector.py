@@ -583,6 +583,28 @@ def test_rpn_eval_proposals_per_image():
     assert all((p <= 96).all() for p in default)
 
 
+@pytest.mark.part("rpn_proposals")
+def test_rpn_proposals_when_the_best_boxes_are_duplicates():
+    """Proposals = the first post_nms_topk survivors of NMS over *all* candidates of each
+    image, even when the best-scored boxes suppress each other (so that NMS on a short
+    prefix of the candidates, a valid shortcut, is not enough), image by image."""
+    rpn = RPN(4, [4], batch_size_per_image=16, nms_thresh=0.7, pre_nms_topk=100, post_nms_topk=5).double()
+    duplicates = torch.tensor([[10.0, 10.0, 50.0, 50.0]]).repeat(50, 1)
+    distinct = torch.stack([torch.tensor([60.0 + 12 * i, 60.0, 70.0 + 12 * i, 70.0]) for i in range(10)])
+    anchors = {"p3": torch.cat([duplicates, distinct]).double()}  # 60 anchors
+    rank = torch.arange(60, dtype=torch.float64)
+    logits = {"p3": torch.stack([
+        10.0 - 0.01 * rank,  # image 0: the 50 duplicates first, then the distinct boxes
+        torch.cat([-rank[:50], 100.0 - rank[:10]]),  # image 1: the distinct boxes first
+    ])}
+    deltas = {"p3": torch.zeros(2, 60, 4, dtype=torch.float64)}
+    proposals = rpn.predict_proposals(anchors, logits, deltas, (200, 200))
+    # Image 0: one of the duplicates survives, then the 4 best distinct boxes.
+    torch.testing.assert_close(proposals[0], torch.cat([duplicates[:1], distinct[:4]]).double())
+    # Image 1: the 5 best distinct boxes.
+    torch.testing.assert_close(proposals[1], distinct[:5].double())
+
+
 # --------------------------------------------------------------------------------------
 # Faster R-CNN
 # --------------------------------------------------------------------------------------
