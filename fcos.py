@@ -199,9 +199,9 @@ def fold_batchnorm(body: nn.Module) -> nn.Module:
     ``BN(conv(x))`` is itself a convolution with rescaled weights and a new
     bias. Pairs are found among the consecutive children of every
     ``nn.Sequential`` and, for an fx ``GraphModule``, in its graph (a conv
-    whose output only feeds a BatchNorm). The folded network computes the same features (up to float
-    rounding) and skips a full pass over every feature map: about a fifth of
-    MobileNetV2's inference time on a CPU.
+    whose output only feeds a BatchNorm). The folded network computes the
+    same features (up to float rounding) and skips a full pass over every
+    feature map: about a fifth of MobileNetV2's inference time on a CPU.
 
     Args:
         body: The CNN (e.g. the ``GraphModule`` of ``build_backbone_body``).

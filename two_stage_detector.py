@@ -1012,10 +1012,10 @@ class FasterRCNN(nn.Module):
         flat_features = prev_channels * self.roi_size[0] * self.roi_size[1]
         self.cls_pred = nn.Linear(flat_features, num_classes + 1)
         self.box_pred = nn.Linear(flat_features, num_classes * 4)
-        # He (fan-out) init for the stem: unlike the RPN's single conv, two or more
-        # N(0, 0.01) convs in a row shrink the RoI features ~10x per layer, and
-        # the linear layers above then learn very slowly (3 AP50 lower on VOC07
-        # with the CPU recipe). Torchvision and detectron2 init this head the same way.
+        # He (fan-out) init for the stem, as in the RPN: N(0, 0.01) convs in a row
+        # shrink the RoI features ~10x per layer, and the linear layers above then
+        # learn very slowly (3 AP50 lower on VOC07 with the CPU recipe). Torchvision
+        # and detectron2 init this head the same way.
         for layer in self.roi_stem:
             if isinstance(layer, nn.Conv2d):
                 nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")

@@ -18,9 +18,9 @@ times, > 1 means ours is faster for throughputs):
   other's allocations). CUDA: ``torch.cuda.max_memory_allocated`` minus the memory
   allocated after building the model and the batch. CPU: the peak resident set size
   (``VmHWM`` of ``/proc/self/status``, reset through ``/proc/self/clear_refs``) minus the
-  resident set at the start of the phase (after building the model and the batch); this counts what the allocator
-  actually took from the OS for activations, gradients and optimizer state (an upper
-  bound of the live tensors; allocator caching included).
+  resident set at the start of the phase (after building the model and the batch); this
+  counts what the allocator actually took from the OS for activations, gradients and
+  optimizer state (an upper bound of the live tensors; allocator caching included).
 * **NMS**: our ``fcos.nms`` vs ``torchvision.ops.nms`` (compiled C++/CUDA kernel) on 1k,
   5k, 20k random boxes (sides 16-128 px in a 1000 px square, IoU 0.5): median time, ratio,
   and whether the kept indices are identical.
