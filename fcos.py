@@ -1064,6 +1064,14 @@ def class_spec_nms(
     return nms(boxes64 + offsets[:, None], scores, iou_threshold)
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32, or kept in float64. Under autocast the heads output
+    float16 / bfloat16, whose 8-11 mantissa bits cannot hold pixel coordinates
+    (bfloat16 steps by 1 px above 128) or box areas; losses, anchors, locations
+    and box decoding run on the float32 copy."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def split_kept_per_image(
     keep: torch.Tensor,
     image_ids: torch.Tensor,
@@ -1207,7 +1215,7 @@ class FCOS(nn.Module):
         reference = fpn_feats["p3"]
         dtype = torch.promote_types(reference.dtype, torch.float32)
         pred_cls_logits, pred_boxreg_deltas, pred_ctr_logits = (
-            {name: pred.to(dtype) for name, pred in level_dict.items()} for level_dict in predictions
+            {name: at_least_float32(pred) for name, pred in level_dict.items()} for level_dict in predictions
         )
         shape_per_fpn_level = {name: feat.shape for name, feat in fpn_feats.items()}
         locations_per_fpn_level = get_fpn_location_coords(

@@ -52,6 +52,7 @@ from torch.nn import functional as F
 from fcos import (  # noqa: F401  (DetectorBackboneWithFPN is re-exported for notebooks)
     DetectorBackboneWithFPN,
     TensorDict,
+    at_least_float32,
     class_spec_nms,
     get_fpn_location_coords,
     image_size_of,
@@ -690,16 +691,19 @@ def multiscale_roi_align(
     level_names = list(feats_per_fpn_level.keys())
     level_ids = [int(name[1:]) for name in level_names]
     levels = assign_fpn_levels(boxes, level_ids)
+    # Pooling interpolates at sub-pixel positions: done in float32 even when the
+    # features are half precision (autocast), which also keeps the fast CPU backward.
     any_feats = feats_per_fpn_level[level_names[0]]
-    pooled = any_feats.new_zeros((boxes.shape[0], any_feats.shape[1], *output_size))
+    dtype = torch.promote_types(any_feats.dtype, torch.float32)
+    pooled = any_feats.new_zeros((boxes.shape[0], any_feats.shape[1], *output_size), dtype=dtype)
     rois = torch.cat([batch_idx[:, None].to(boxes), boxes], dim=1)  # roi_align's (K, 5) format
     for level_name, level_id in zip(level_names, level_ids):
         idx = torch.nonzero(levels == level_id).squeeze(1)
         if idx.numel() == 0:
             continue
         level_pooled = _roi_align(
-            feats_per_fpn_level[level_name],
-            rois[idx].to(any_feats),
+            at_least_float32(feats_per_fpn_level[level_name]),
+            rois[idx].to(pooled),
             output_size,
             1.0 / strides_per_fpn_level[level_name],
             sampling_ratio,
@@ -805,9 +809,14 @@ class RPN(nn.Module):
         if image_size is None:
             image_size = (p3.shape[-2] * strides_per_fpn_level["p3"], p3.shape[-1] * strides_per_fpn_level["p3"])
 
-        pred_obj_logits, pred_boxreg_deltas = self.pred_net(feats_per_fpn_level)
+        # Anchors, proposals and losses in float32 even under autocast.
+        pred_obj_logits, pred_boxreg_deltas = (
+            {name: at_least_float32(pred) for name, pred in level_dict.items()}
+            for level_dict in self.pred_net(feats_per_fpn_level)
+        )
         shapes = {name: feats.shape for name, feats in feats_per_fpn_level.items()}
-        locations = get_fpn_location_coords(shapes, strides_per_fpn_level, dtype=p3.dtype, device=p3.device)
+        dtype = torch.promote_types(p3.dtype, torch.float32)
+        locations = get_fpn_location_coords(shapes, strides_per_fpn_level, dtype=dtype, device=p3.device)
         anchors_per_fpn_level = generate_fpn_anchors(
             locations, strides_per_fpn_level, self.anchor_stride_scale, self.anchor_aspect_ratios
         )
@@ -1073,7 +1082,8 @@ class FasterRCNN(nn.Module):
         losses = {name: value for name, value in output_dict.items()}
 
         # BEGIN SOLUTION (faster_rcnn): add the GT boxes to the proposals, match them to the GT (IoU roi_iou_threshold, batched), sample batch_size_per_image RoIs per image (fg_fraction foreground), pool their features with multiscale_roi_align and compute loss_cls (cross-entropy over C+1 classes) and loss_box (L1 of the class-specific deltas of foreground RoIs), both divided by the number of sampled RoIs.
-        gt_boxes = gt_boxes.to(feats_per_fpn_level["p3"])
+        p3 = feats_per_fpn_level["p3"]
+        gt_boxes = gt_boxes.to(device=p3.device, dtype=torch.promote_types(p3.dtype, torch.float32))
         # Proposals (padded to the longest image) followed by the GT boxes: (B, P, 4),
         # image-major, with `valid` telling real entries from padding.
         num_proposals = torch.tensor([len(p) for p in proposals_per_image], device=gt_boxes.device)
@@ -1102,8 +1112,8 @@ class FasterRCNN(nn.Module):
         roi_feats = multiscale_roi_align(feats_per_fpn_level, strides, rois, roi_batch_idx, self.roi_size)
 
         flat_feats = self.roi_stem(roi_feats)
-        cls_logits = self.cls_pred(flat_feats)  # (K, C + 1)
-        box_deltas = self.box_pred(flat_feats).reshape(-1, self.num_classes, 4)  # (K, C, 4)
+        cls_logits = at_least_float32(self.cls_pred(flat_feats))  # (K, C + 1)
+        box_deltas = at_least_float32(self.box_pred(flat_feats)).reshape(-1, self.num_classes, 4)  # (K, C, 4)
 
         # Background (-1) -> logit 0, class c -> logit c + 1.
         gt_classes = roi_targets[:, 4].long() + 1
@@ -1178,8 +1188,8 @@ class FasterRCNN(nn.Module):
         roi_feats = multiscale_roi_align(feats_per_fpn_level, strides, rois, roi_batch_idx, self.roi_size)
 
         flat_feats = self.roi_stem(roi_feats)
-        probs = F.softmax(self.cls_pred(flat_feats), dim=1)[:, 1:]  # (K, C), background dropped
-        deltas = self.box_pred(flat_feats).reshape(-1, self.num_classes, 4)
+        probs = F.softmax(at_least_float32(self.cls_pred(flat_feats)), dim=1)[:, 1:]  # (K, C), background dropped
+        deltas = at_least_float32(self.box_pred(flat_feats)).reshape(-1, self.num_classes, 4)
         boxes = rcnn_apply_deltas_to_anchors(deltas, rois[:, None, :], self.box_reg_weights)  # (K, C, 4)
         boxes = _clip_boxes(boxes, image_size)
 

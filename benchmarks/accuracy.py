@@ -129,6 +129,13 @@ def build_model(kind: str, impl: str, args: argparse.Namespace) -> torch.nn.Modu
     return common.build_torchvision(kind, cfg, ours)
 
 
+def precision(args: argparse.Namespace) -> str:
+    """What the training step computes in: autocast dtype (a5_helper's choice) or float32."""
+    if not args.amp:
+        return "float32"
+    return "float16" if torch.device(args.device).type == "cuda" else "bfloat16"
+
+
 def run_config(kind: str, impl: str, args: argparse.Namespace) -> Dict[str, Any]:
     """Everything that defines a run; a resumed run must match it exactly."""
     cfg = pair_config(kind, args)
@@ -137,7 +144,7 @@ def run_config(kind: str, impl: str, args: argparse.Namespace) -> Dict[str, Any]
         "tv_fcos_head_norm": args.tv_fcos_head_norm if impl == "torchvision" and kind == "fcos" else None,
         "iters": args.iters, "batch_size": args.batch_size, "lr": args.lr, "schedule": args.schedule,
         "warmup_iters": args.warmup_iters, "weight_decay": args.weight_decay, "grad_clip": args.grad_clip,
-        "seed": args.seed, "cache_variants": list(args.cache_variants) if args.mode == "frozen-cache" else None,
+        "precision": precision(args), "seed": args.seed, "cache_variants": list(args.cache_variants) if args.mode == "frozen-cache" else None,
         "max_train_images": args.max_train_images, "image_size": args.image_size,
     }
 
@@ -278,6 +285,8 @@ def results_markdown(out: Path) -> str:
         c = m["config"]
         mode = "frozen backbone, feature cache" if c["mode"] == "frozen-cache" else "end-to-end"
         schedule = f"{c['iters']} it x {c['batch_size']}, lr {c['lr']} {c['schedule']}"
+        if c.get("precision", "float32") != "float32":  # runs recorded before the field were float32
+            schedule += f", {c['precision']} autocast"
         t = m["timing"]
         cache_seconds = sum(v["build_seconds"] for v in (t.get("cache") or {}).values())
         total = cache_seconds + t["train_seconds"] + t["eval_seconds"]
@@ -404,7 +413,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--grad-clip", type=float, default=10.0, help="0 disables")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="mixed precision (default: on for CUDA, off on CPU)")
+                   help="mixed precision (default: a5_helper.default_amp: on for CUDA and for CPUs with "
+                        "hardware bfloat16)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backbone", default="mobilenet_v2")
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
@@ -455,6 +465,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         if impl not in IMPLS:
             raise SystemExit(f"unknown --impl {impl!r}: use ours and/or torchvision")
     device = torch.device(args.device)
+    if args.amp is None:
+        args.amp = H.default_amp(device)  # resolved so that the results record what ran
     machine = common.machine_info(device)
 
     train_set, val_set = load_datasets(args)

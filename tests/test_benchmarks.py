@@ -210,6 +210,11 @@ def test_accuracy_results_table(tmp_path):
     assert "| 1 s | 12 s | 3 s | 16 s |" in text
     assert text.count("Feature cache (train): 4 images x 1 variants (orig), built in 1 s.") == 1
     assert "python benchmarks/accuracy.py --iters 10" in text
+    assert "10 it x 16, lr 0.01 cosine |" in text  # no precision field: a float32 run
+
+    metrics["config"]["precision"] = "bfloat16"
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    assert "10 it x 16, lr 0.01 cosine, bfloat16 autocast |" in accuracy.results_markdown(tmp_path)
 
 
 @pytest.mark.part("provided")

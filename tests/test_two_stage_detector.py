@@ -691,6 +691,41 @@ def test_faster_rcnn_gradients_reach_every_parameter():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
 
 
+@pytest.mark.part("faster_rcnn")
+def test_autocast_keeps_anchors_rois_and_losses_in_float32(monkeypatch):
+    """Under bfloat16 autocast (CPU; float16 on GPUs) only the convs and linears
+    run in half precision: bfloat16 steps by a whole pixel above 128 px, so
+    anchors, GT, proposals, RoI pooling, losses and boxes stay float32."""
+    torch.manual_seed(0)
+    model = small_faster_rcnn(channels=8).train()
+    matched_dtypes = []
+    real_match = tsd.rcnn_match_anchors_to_gt
+
+    def recording_match(anchors, gt, *args, **kwargs):
+        matched_dtypes.append((anchors.dtype, gt.dtype))
+        return real_match(anchors, gt, *args, **kwargs)
+
+    monkeypatch.setattr(tsd, "rcnn_match_anchors_to_gt", recording_match)
+    images = torch.rand(2, 3, 64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.backbone(images)["p3"].dtype == torch.bfloat16  # the autocast is real
+        losses = model(images, _two_images_gt())
+        model.eval()
+        detections = model.predict(images, score_thresh=0.0)
+    assert matched_dtypes == [(torch.float32, torch.float32)] * 2  # RPN anchors, then RoIs
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert all(d["boxes"].dtype == d["scores"].dtype == torch.float32 for d in detections)
+
+    # Pooling half-precision features equals pooling their float32 copy.
+    feats = {name: f.to(torch.bfloat16) for name, f in fpn_feats(2, 4).items()}
+    boxes, batch_idx = random_boxes(12, size=50), torch.tensor([0, 1] * 6)
+    pooled = multiscale_roi_align(feats, STRIDES, boxes, batch_idx, (3, 3))
+    expected = multiscale_roi_align({k: f.float() for k, f in feats.items()}, STRIDES, boxes, batch_idx, (3, 3))
+    assert pooled.dtype == torch.float32 and torch.equal(pooled, expected)
+
+
 @pytest.fixture(scope="module")
 def frozen_regnet() -> DetectorBackboneWithFPN:
     """A random, frozen RegNetX-400MF backbone with FPN (built once: it takes a moment)."""
