@@ -129,6 +129,13 @@ def build_model(kind: str, impl: str, args: argparse.Namespace) -> torch.nn.Modu
     return common.build_torchvision(kind, cfg, ours)
 
 
+def learning_rate(kind: str, args: argparse.Namespace) -> float:
+    """--lr, or the CPU recipe's learning rate of this detector."""
+    import a5_helper as H
+
+    return args.lr if args.lr is not None else H.CPU_RECIPE_LR[kind]
+
+
 def precision(args: argparse.Namespace) -> str:
     """What the training step computes in: autocast dtype (a5_helper's choice) or float32."""
     if not args.amp:
@@ -142,7 +149,7 @@ def run_config(kind: str, impl: str, args: argparse.Namespace) -> Dict[str, Any]
     return {
         "detector": kind, "impl": impl, "mode": args.mode, "model": common.ours_model_config(kind, cfg),
         "tv_fcos_head_norm": args.tv_fcos_head_norm if impl == "torchvision" and kind == "fcos" else None,
-        "iters": args.iters, "batch_size": args.batch_size, "lr": args.lr, "schedule": args.schedule,
+        "iters": args.iters, "batch_size": args.batch_size, "lr": learning_rate(kind, args), "schedule": args.schedule,
         "warmup_iters": args.warmup_iters, "weight_decay": args.weight_decay, "grad_clip": args.grad_clip,
         "precision": precision(args), "seed": args.seed, "cache_variants": list(args.cache_variants) if args.mode == "frozen-cache" else None,
         "max_train_images": args.max_train_images, "image_size": args.image_size,
@@ -184,7 +191,7 @@ def train_run(model: torch.nn.Module, loader: DataLoader, run_dir: Path, config:
         return {"wall_seconds": prior + time.time() - start}
 
     history = H.train_detector(
-        model, loader, learning_rate=args.lr, weight_decay=args.weight_decay, max_iters=args.iters,
+        model, loader, learning_rate=config["lr"], weight_decay=args.weight_decay, max_iters=args.iters,
         log_period=args.log_period, device=args.device, lr_schedule=args.schedule, warmup_iters=args.warmup_iters,
         grad_clip=args.grad_clip if args.grad_clip > 0 else None, amp=args.amp, checkpoint_dir=run_dir,
         checkpoint_period=args.checkpoint_period, resume=True, seed=args.seed, progress=not args.no_progress,
@@ -405,9 +412,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--mode", default="frozen-cache", choices=("frozen-cache", "end-to-end"),
                    help="frozen-cache: frozen pretrained backbone, features cached once (CPU); "
                         "end-to-end: the whole network trains on augmented images (GPU)")
-    p.add_argument("--iters", type=int, default=3000)
+    p.add_argument("--iters", type=int, default=None, help="default: a5_helper.CPU_RECIPE_ITERS")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default: a5_helper.CPU_RECIPE_LR of each detector)")
     p.add_argument("--schedule", default="cosine", choices=("cosine", "step"))
     p.add_argument("--warmup-iters", type=int, default=None, help="default: min(500, iters / 10)")
     p.add_argument("--weight-decay", type=float, default=1e-4)
@@ -421,7 +429,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="ImageNet backbone weights (offline: TORCH_HOME)")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--cache-variants", type=lambda s: [v.strip() for v in s.split(",") if v.strip()],
-                   default=["orig", "flip"], help="train-image variants cached: orig, flip, jitter0, ...")
+                   default=None, help="train-image variants cached: orig, flip, jitter0, ... "
+                                      "(default: a5_helper.CPU_RECIPE_CACHE_VARIANTS)")
     p.add_argument("--cache-dir", default=None, help="feature caches (default: OUT/cache)")
     p.add_argument("--cache-batch-size", type=int, default=32)
     p.add_argument("--tv-fcos-head-norm", default="groupnorm", choices=("groupnorm", "none"))
@@ -446,7 +455,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--retrain", action="store_true", help="delete existing checkpoints of the selected runs first")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--small", action="store_true", help=argparse.SUPPRESS)  # tiny widths, smoke tests
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.iters is None:
+        args.iters = H.CPU_RECIPE_ITERS
+    if args.cache_variants is None:
+        args.cache_variants = list(H.CPU_RECIPE_CACHE_VARIANTS)
+    return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
