@@ -308,7 +308,10 @@ def memory_probe(kind: str, impl: str, args: argparse.Namespace) -> Dict[str, An
             _reset_peak_rss()
         start_kib = _proc_status_kib("VmRSS") if exact else base_kib
         run_phase(phase, fn)
-        result[f"{phase}_peak_mib"] = (_proc_status_kib("VmHWM") - start_kib) / 1024
+        # Linux syncs each thread's RSS counters lazily (every 64 page faults), so two
+        # reads can disagree by a few hundred KiB: a phase that allocates next to
+        # nothing (tiny models) may read slightly negative, which means 0.
+        result[f"{phase}_peak_mib"] = max(_proc_status_kib("VmHWM") - start_kib, 0) / 1024
     result["method"] = ("peak RSS (VmHWM, reset via clear_refs) - RSS at the start of the phase" if exact
                         else "VmHWM - RSS after build (VmHWM not resettable: includes construction)")
     return result
