@@ -179,6 +179,13 @@ def cpu_has_fast_bfloat16() -> bool:
         return False
 
 
+def autocast_dtype(device: Union[str, torch.device]) -> torch.dtype:
+    """The half-precision dtype autocast uses by default: float16 on CUDA (more
+    mantissa bits than bfloat16 for box coordinates), bfloat16 on CPU (what its
+    matrix units support)."""
+    return torch.float16 if torch.device(device).type == "cuda" else torch.bfloat16
+
+
 def default_amp(device: Union[str, torch.device]) -> bool:
     """Whether training autocasts by default: always on CUDA (float16), and on a CPU
     with hardware bfloat16 (`cpu_has_fast_bfloat16`). Losses and box decoding stay
@@ -989,8 +996,8 @@ def train_detector(
         grad_clip: max total gradient norm (None disables clipping).
         amp: automatic mixed precision; default `default_amp(device)`: on for CUDA,
             and on CPUs with hardware bfloat16 (AMX / AVX512-BF16), off otherwise.
-        amp_dtype: autocast dtype; default float16 with a GradScaler on CUDA (more
-            mantissa bits than bfloat16 for box coordinates), bfloat16 on CPU.
+        amp_dtype: autocast dtype; default `autocast_dtype(device)`: float16 (with a
+            GradScaler) on CUDA, bfloat16 on CPU.
         checkpoint_dir: where `last.pt` is written every `checkpoint_period`
             iterations and at the end (atomically). It holds model, optimizer,
             scheduler, scaler, iteration, seed, RNG states, history and `model_config`.
@@ -1031,7 +1038,7 @@ def train_detector(
 
     use_amp = default_amp(device) if amp is None else bool(amp)
     if amp_dtype is None:
-        amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+        amp_dtype = autocast_dtype(device)
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
     if use_amp and rank == 0:
         print(f"Mixed precision: {str(amp_dtype).replace('torch.', '')} autocast on {device.type} "
@@ -1662,8 +1669,7 @@ def predict_batch(detector: nn.Module, images: torch.Tensor, score_thresh: float
 def _eval_autocast(device: torch.device, amp: bool):
     """Optional fp16 (CUDA) / bf16 (CPU) autocast for inference. Off by default:
     half-precision box coordinates lose about a pixel at 224 px."""
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=bool(amp))
+    return torch.autocast(device_type=device.type, dtype=autocast_dtype(device), enabled=bool(amp))
 
 
 def collect_predictions(
@@ -2177,7 +2183,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         raise SystemExit("--cache-features needs --frozen-backbone (cached features must not change during training)")
     if args.lr is None:
         args.lr = CPU_RECIPE_LR.get(args.detector, 1e-2)
-    if getattr(args, "amp", None) is None:
+    if args.amp is None:
         args.amp = default_amp(device)  # resolved here so that metrics.json records what ran
 
     config: Dict[str, Any] = {

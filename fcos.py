@@ -1087,12 +1087,17 @@ def class_spec_nms(
     return nms(boxes64 + offsets[:, None], scores, iou_threshold)
 
 
+def float32_or_wider(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision dtypes, ``dtype`` itself for float32 / float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def at_least_float32(x: torch.Tensor) -> torch.Tensor:
     """``x`` in float32, or kept in float64. Under autocast the heads output
     float16 / bfloat16, whose 8-11 mantissa bits cannot hold pixel coordinates
     (bfloat16 steps by 1 px above 128) or box areas; losses, anchors, locations
     and box decoding run on the float32 copy."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+    return x.to(float32_or_wider(x.dtype))
 
 
 def split_kept_per_image(
@@ -1236,7 +1241,7 @@ class FCOS(nn.Module):
         fpn_feats = self.backbone(images)
         predictions = self.pred_net(fpn_feats)
         reference = fpn_feats["p3"]
-        dtype = torch.promote_types(reference.dtype, torch.float32)
+        dtype = float32_or_wider(reference.dtype)
         pred_cls_logits, pred_boxreg_deltas, pred_ctr_logits = (
             {name: at_least_float32(pred) for name, pred in level_dict.items()} for level_dict in predictions
         )

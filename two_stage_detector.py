@@ -54,6 +54,7 @@ from fcos import (  # noqa: F401  (DetectorBackboneWithFPN is re-exported for no
     TensorDict,
     at_least_float32,
     class_spec_nms,
+    float32_or_wider,
     get_fpn_location_coords,
     image_size_of,
     nms,
@@ -694,7 +695,7 @@ def multiscale_roi_align(
     # Pooling interpolates at sub-pixel positions: done in float32 even when the
     # features are half precision (autocast), which also keeps the fast CPU backward.
     any_feats = feats_per_fpn_level[level_names[0]]
-    dtype = torch.promote_types(any_feats.dtype, torch.float32)
+    dtype = float32_or_wider(any_feats.dtype)
     pooled = any_feats.new_zeros((boxes.shape[0], any_feats.shape[1], *output_size), dtype=dtype)
     rois = torch.cat([batch_idx[:, None].to(boxes), boxes], dim=1)  # roi_align's (K, 5) format
     for level_name, level_id in zip(level_names, level_ids):
@@ -815,7 +816,7 @@ class RPN(nn.Module):
             for level_dict in self.pred_net(feats_per_fpn_level)
         )
         shapes = {name: feats.shape for name, feats in feats_per_fpn_level.items()}
-        dtype = torch.promote_types(p3.dtype, torch.float32)
+        dtype = float32_or_wider(p3.dtype)
         locations = get_fpn_location_coords(shapes, strides_per_fpn_level, dtype=dtype, device=p3.device)
         anchors_per_fpn_level = generate_fpn_anchors(
             locations, strides_per_fpn_level, self.anchor_stride_scale, self.anchor_aspect_ratios
@@ -1083,7 +1084,7 @@ class FasterRCNN(nn.Module):
 
         # BEGIN SOLUTION (faster_rcnn): add the GT boxes to the proposals, match them to the GT (IoU roi_iou_threshold, batched), sample batch_size_per_image RoIs per image (fg_fraction foreground), pool their features with multiscale_roi_align and compute loss_cls (cross-entropy over C+1 classes) and loss_box (L1 of the class-specific deltas of foreground RoIs), both divided by the number of sampled RoIs.
         p3 = feats_per_fpn_level["p3"]
-        gt_boxes = gt_boxes.to(device=p3.device, dtype=torch.promote_types(p3.dtype, torch.float32))
+        gt_boxes = gt_boxes.to(device=p3.device, dtype=float32_or_wider(p3.dtype))
         # Proposals (padded to the longest image) followed by the GT boxes: (B, P, 4),
         # image-major, with `valid` telling real entries from padding.
         num_proposals = torch.tensor([len(p) for p in proposals_per_image], device=gt_boxes.device)

@@ -138,9 +138,9 @@ def learning_rate(kind: str, args: argparse.Namespace) -> float:
 
 def precision(args: argparse.Namespace) -> str:
     """What the training step computes in: autocast dtype (a5_helper's choice) or float32."""
-    if not args.amp:
-        return "float32"
-    return "float16" if torch.device(args.device).type == "cuda" else "bfloat16"
+    import a5_helper as H
+
+    return str(H.autocast_dtype(args.device) if args.amp else torch.float32).replace("torch.", "")
 
 
 def run_config(kind: str, impl: str, args: argparse.Namespace) -> Dict[str, Any]:

@@ -100,8 +100,9 @@ def autocast_ctx(device: torch.device, amp: bool):
     """float16 autocast on CUDA, bfloat16 on CPU; a no-op without ``--amp``."""
     if not amp:
         return nullcontext()
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    import a5_helper as H
+
+    return torch.autocast(device_type=device.type, dtype=H.autocast_dtype(device))
 
 
 # --------------------------------------------------------------------------------------
