@@ -42,7 +42,6 @@ Code that students write is wrapped in ``# BEGIN SOLUTION (part): ...`` /
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import os
 import urllib.parse
@@ -51,10 +50,20 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torchvision
-from torch import fx, nn
+from torch import nn
 from torch.nn import functional as F
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models import feature_extraction
+
+# Provided fast kernels (see a5/kernels.py): the same results as the plain code of this
+# chapter, faster. Training and inference use them.
+from a5.kernels import (  # noqa: F401  (GroupNorm, fold_batchnorm: re-exported)
+    GroupNorm,
+    batched_nms,
+    fold_batchnorm,
+    select_detections,
+    split_kept_per_image,
+    to_fast_layout,
+)
 
 TensorDict = Dict[str, torch.Tensor]
 ImagesOrFeatures = Union[torch.Tensor, TensorDict]
@@ -140,20 +149,6 @@ def _load_pretrained_state_dict(backbone: str, weights: Any) -> Dict[str, Any]:
         ) from exc
 
 
-def _to_fast_layout(x: torch.Tensor) -> torch.Tensor:
-    """Return a CPU feature map in channels-last (NHWC) memory layout.
-
-    oneDNN, PyTorch's CPU convolution library, is markedly faster on
-    channels-last tensors, and conv / norm / ReLU outputs keep the layout of
-    their input, so converting the network input once speeds up the whole
-    backbone and head. Only the memory layout changes (shapes and indexing
-    are the same). GPU tensors are left as they are.
-    """
-    if x.device.type == "cpu" and x.dim() == 4:
-        return x.contiguous(memory_format=torch.channels_last)
-    return x
-
-
 def build_backbone_body(backbone: str, pretrained: bool = True) -> Tuple[nn.Module, str]:
     """
     Build the CNN "body" of a detection backbone: a torchvision classifier cut
@@ -186,54 +181,6 @@ def build_backbone_body(backbone: str, pretrained: bool = True) -> Tuple[nn.Modu
     # Keep only the layers up to c5 and return the three taps as a dict.
     body = feature_extraction.create_feature_extractor(cnn, return_nodes=spec.return_nodes)
     return body, weights_name
-
-
-def fold_batchnorm(body: nn.Module) -> nn.Module:
-    """
-    An inference copy of a CNN in which every BatchNorm that directly follows
-    a convolution (in the same ``nn.Sequential``, as in torchvision's
-    ``Conv2dNormActivation`` blocks) is folded into that convolution.
-
-    In eval mode a BatchNorm is a fixed per-channel affine map,
-    ``y = (x - mean) / sqrt(var + eps) * gamma + beta``, so
-    ``BN(conv(x))`` is itself a convolution with rescaled weights and a new
-    bias. Pairs are found among the consecutive children of every
-    ``nn.Sequential`` and, for an fx ``GraphModule``, in its graph (a conv
-    whose output only feeds a BatchNorm). The folded network computes the
-    same features (up to float rounding) and skips a full pass over every
-    feature map: about a fifth of MobileNetV2's inference time on a CPU.
-
-    Args:
-        body: The CNN (e.g. the ``GraphModule`` of ``build_backbone_body``).
-
-    Returns:
-        A new module in eval mode, without gradients; ``body`` is unchanged.
-    """
-    folded = copy.deepcopy(body).eval().requires_grad_(False)
-    # (conv, norm) pairs by qualified name: consecutive children of a
-    # Sequential, and, in an fx graph, a conv node whose only reader is a norm.
-    pairs: List[Tuple[str, str]] = []
-    for prefix, module in folded.named_modules():
-        if isinstance(module, nn.Sequential):
-            names = [f"{prefix}.{name}" if prefix else name for name, _ in module.named_children()]
-            pairs += list(zip(names, names[1:]))
-    if isinstance(folded, fx.GraphModule):
-        for node in folded.graph.nodes:
-            source = node.args[0] if node.op == "call_module" and node.args else None
-            if isinstance(source, fx.Node) and source.op == "call_module" and len(source.users) == 1:
-                pairs.append((source.target, node.target))
-    for conv_name, norm_name in pairs:
-        conv, norm = folded.get_submodule(conv_name), folded.get_submodule(norm_name)
-        if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
-            # Replacing modules (not graph nodes) works for plain and fx modules alike.
-            _set_submodule(folded, conv_name, fuse_conv_bn_eval(conv, norm))
-            _set_submodule(folded, norm_name, nn.Identity())
-    return folded
-
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child_name = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child_name, module)
 
 
 def image_size_of(x: ImagesOrFeatures) -> Tuple[int, int]:
@@ -370,7 +317,7 @@ class DetectorBackboneWithFPN(nn.Module):
             # run the copy with BatchNorm folded into the convs (faster).
             use_folded = not self.backbone.training and not torch.is_grad_enabled()
             body = self._folded_backbone() if use_folded else self.backbone
-            return dict(body(_to_fast_layout(images)))
+            return dict(body(to_fast_layout(images)))
 
     def _folded_backbone(self) -> nn.Module:
         """``fold_batchnorm(self.backbone)``, rebuilt whenever the backbone's
@@ -401,7 +348,7 @@ class DetectorBackboneWithFPN(nn.Module):
         if isinstance(x, dict):
             # Cached features: same memory layout as freshly computed ones, so
             # that both give the same numbers.
-            backbone_feats = {name: _to_fast_layout(feat) for name, feat in x.items()}
+            backbone_feats = {name: to_fast_layout(feat) for name, feat in x.items()}
         else:
             backbone_feats = self.extract_features(x)
 
@@ -470,29 +417,6 @@ def _group_norm_groups(channels: int, max_groups: int = 32) -> int:
     """Number of GroupNorm groups: 32 as in FCOS when it divides ``channels``,
     otherwise the largest common divisor (so any width works)."""
     return math.gcd(max_groups, channels)
-
-
-class GroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` (same parameters, state dict and values) that avoids a slow
-    kernel: on the CPU, PyTorch's GroupNorm on a channels-last bfloat16 / float16
-    tensor runs about 10x slower than on the same tensor in NCHW layout (torch
-    2.15: 64 ms against 6 ms, forward + backward, for ``(16, 128, 28, 28)``). Under
-    CPU autocast the head's convolutions hand it exactly that, so it normalises an
-    NCHW copy and returns channels-last again for the next convolution (~30%
-    faster FCOS training steps in bfloat16). Float32 keeps the direct path, which
-    is fast in both layouts."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            x.device.type == "cpu"
-            and x.dtype in (torch.bfloat16, torch.float16)
-            and x.dim() == 4
-            and not x.is_contiguous()
-            and x.is_contiguous(memory_format=torch.channels_last)
-        ):
-            out = F.group_norm(x.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
-            return out.contiguous(memory_format=torch.channels_last)
-        return super().forward(x)
 
 
 class FCOSPredictionNetwork(nn.Module):
@@ -595,6 +519,130 @@ def _cat_across_fpn_levels(dict_with_fpn_levels: TensorDict, dim: int = 1) -> to
     return torch.cat(list(dict_with_fpn_levels.values()), dim=dim)
 
 
+def fcos_candidates_inside_boxes(
+    locations: torch.Tensor,
+    gt_boxes: torch.Tensor,
+    strides: torch.Tensor,
+    center_sampling_radius: Optional[float] = 1.5,
+) -> torch.Tensor:
+    """
+    Matching, step 1: which locations lie inside which GT boxes.
+
+    Location ``(x, y)`` is a candidate for box ``(x1, y1, x2, y2, class)`` when
+
+    * it lies strictly inside the box: ``x1 < x < x2`` and ``y1 < y < y2``;
+    * (centre sampling, FCOS v2) it is also close to the box centre ``(cx, cy)``:
+      ``|x - cx| < radius * stride`` and ``|y - cy| < radius * stride``, with the
+      stride of the location's level. Locations near the border of a box mostly see
+      background or other objects; this makes the positives cleaner. ``None`` skips
+      this test (the plain rule of the 2019 paper and of the course);
+    * the box is real: padding rows (class ``-1``) are never candidates.
+
+    Compare all locations with all boxes of all images at once (broadcasting
+    ``(1, L, 1)`` against ``(B, 1, N)``), with no Python loop.
+
+    Args:
+        locations: ``(L, 2)`` (x, y) locations of all levels, concatenated.
+        gt_boxes: ``(B, N, 5)`` GT boxes, rows ``(x1, y1, x2, y2, class)``, padded with
+            rows of ``-1``.
+        strides: ``(L,)`` stride of each location's level.
+        center_sampling_radius: Radius in units of the stride, or ``None``.
+
+    Returns:
+        ``(B, L, N)`` bool: entry ``[b, l, n]`` is True when location ``l`` is a
+        candidate for box ``n`` of image ``b``.
+    """
+    x = locations[:, 0].view(1, -1, 1)
+    y = locations[:, 1].view(1, -1, 1)
+    x1, y1, x2, y2, class_ids = (column.unsqueeze(1) for column in gt_boxes.unbind(dim=2))  # (B, 1, N)
+    # BEGIN SOLUTION (fcos_match_inside): Mark (location, box) pairs with the location strictly inside the box and the box real (class >= 0); with a radius, also require |x - cx| and |y - cy| below radius * stride.
+    is_candidate = (x > x1) & (y > y1) & (x < x2) & (y < y2) & (class_ids >= 0)
+    if center_sampling_radius is not None:
+        radius = center_sampling_radius * strides.view(1, -1, 1)
+        near_x = (x - (x1 + x2) / 2).abs() < radius
+        near_y = (y - (y1 + y2) / 2).abs() < radius
+        is_candidate = is_candidate & near_x & near_y
+    # END SOLUTION
+    return is_candidate
+
+
+def fcos_candidates_in_scale_range(
+    locations: torch.Tensor,
+    gt_boxes: torch.Tensor,
+    lower: torch.Tensor,
+    upper: torch.Tensor,
+) -> torch.Tensor:
+    """
+    Matching, step 2: each FPN level handles one range of object sizes.
+
+    For a location and a box, let ``(l, t, r, b)`` be the distances from the location
+    to the left, top, right and bottom sides of the box. The pair fits the location's
+    level when ``lower < max(l, t, r, b) < upper`` with that level's bounds (from
+    ``fcos_level_scale_ranges``: ``(0, 64)`` for p3, ``(64, 128)`` for p4,
+    ``(128, inf)`` for p5).
+
+    Args:
+        locations: ``(L, 2)`` (x, y) locations of all levels, concatenated.
+        gt_boxes: ``(B, N, 5)`` GT boxes (the class column is not used here).
+        lower, upper: ``(L,)`` bounds of each location's level.
+
+    Returns:
+        ``(B, L, N)`` bool.
+    """
+    x = locations[:, 0].view(1, -1, 1)
+    y = locations[:, 1].view(1, -1, 1)
+    x1, y1, x2, y2 = (column.unsqueeze(1) for column in gt_boxes[..., :4].unbind(dim=2))  # (B, 1, N)
+    # BEGIN SOLUTION (fcos_match_scale): Compute the (B, L, N) distances l, t, r, b, take their maximum and keep the pairs with lower < max < upper (bounds of the location's level).
+    left, top, right, bottom = x - x1, y - y1, x2 - x, y2 - y
+    max_dist = torch.maximum(torch.maximum(left, top), torch.maximum(right, bottom))
+    in_range = (max_dist > lower.view(1, -1, 1)) & (max_dist < upper.view(1, -1, 1))
+    # END SOLUTION
+    return in_range
+
+
+def fcos_pick_smallest_box(is_candidate: torch.Tensor, gt_boxes: torch.Tensor) -> torch.Tensor:
+    """
+    Matching, step 3: when a location is a candidate for several boxes, it regresses
+    the one with the smallest area (the ambiguous location most likely belongs to the
+    small object in front); with equal areas, the first of them. A location without
+    any candidate box is background: a row of ``-1``.
+
+    Hint: give non-candidate pairs an infinite area and take the minimum over boxes
+    (``torch.min`` returns the first index among equal values), then gather the rows.
+
+    Args:
+        is_candidate: ``(B, L, N)`` bool, the result of steps 1 and 2 combined.
+        gt_boxes: ``(B, N, 5)`` GT boxes.
+
+    Returns:
+        ``(B, L, 5)``: the GT row matched to every location, ``-1`` for background.
+    """
+    # BEGIN SOLUTION (fcos_match_smallest): Mask the (B, 1, N) box areas with inf where not a candidate, take the argmin over boxes, gather those GT rows, and set locations without any candidate to -1.
+    x1, y1, x2, y2 = (column.unsqueeze(1) for column in gt_boxes[..., :4].unbind(dim=2))  # (B, 1, N)
+    areas = (x2 - x1) * (y2 - y1)
+    masked_areas = torch.where(is_candidate, areas, torch.full_like(areas, float("inf")))
+    matched_idx = masked_areas.min(dim=2).indices  # (B, L)
+    matched = torch.gather(gt_boxes, 1, matched_idx.unsqueeze(2).expand(-1, -1, 5))
+    has_match = is_candidate.any(dim=2, keepdim=True)
+    matched = torch.where(has_match, matched, torch.full_like(matched, -1))
+    # END SOLUTION
+    return matched
+
+
+def fcos_level_scale_ranges(strides_per_fpn_level: Dict[str, int]) -> Dict[str, Tuple[float, float]]:
+    """``(lower, upper)`` bound of ``max(l, t, r, b)`` per level: ``(4 s, 8 s)`` for
+    stride ``s``, with no lower bound on the first (finest) and no upper bound on the
+    last level, so that every box size has a level."""
+    names = list(strides_per_fpn_level)
+    ranges = {}
+    for i, name in enumerate(names):
+        stride = float(strides_per_fpn_level[name])
+        lower = 0.0 if i == 0 else 4 * stride
+        upper = float("inf") if i == len(names) - 1 else 8 * stride
+        ranges[name] = (lower, upper)
+    return ranges
+
+
 @torch.no_grad()
 def fcos_match_locations_to_gt(
     locations_per_fpn_level: TensorDict,
@@ -603,95 +651,55 @@ def fcos_match_locations_to_gt(
     center_sampling_radius: Optional[float] = 1.5,
 ) -> TensorDict:
     """
-    Match every location of every FPN level with a GT box or background.
+    Match every location of every FPN level with a GT box or background, in three
+    steps that you write: a location is a candidate for the boxes it lies inside
+    (``fcos_candidates_inside_boxes``) and whose size suits its level
+    (``fcos_candidates_in_scale_range``); among its candidates it takes the smallest
+    box (``fcos_pick_smallest_box``). Locations without candidates are background.
 
-    A location is a *candidate* for a GT box when
-
-    1. it lies strictly inside the box: ``min(l, t, r, b) > 0`` where
-       ``(l, t, r, b)`` are its distances to the left/top/right/bottom sides;
-    2. (centre sampling, FCOS v2) it is close to the box centre:
-       ``|x - cx| < radius * stride`` and ``|y - cy| < radius * stride``.
-       Locations near the border of a box mostly see background or other
-       objects; this makes the positives cleaner. ``None`` disables it (the
-       plain rule of the 2019 paper and the course);
-    3. the box has the right size for the level: the longest distance
-       ``max(l, t, r, b)`` must lie in ``(0, 64)`` for p3, ``(64, 128)`` for
-       p4, ``(128, inf)`` for p5 (in general ``(4 s, 8 s)`` with no lower
-       bound on the first and no upper bound on the last level). Each level
-       thus handles one range of object sizes.
-
-    When several boxes are candidates, the location regresses the one with
-    the smallest area (the ambiguous location most likely belongs to the
-    small object in front). Locations without candidate are background.
-
-    All pairs (location, box) of all levels and images are compared at once:
-    there is no Python loop over boxes, locations or images.
+    Provided: it concatenates the levels, builds the per-location strides and scale
+    ranges, and runs the three steps for all levels and images at once.
 
     Args:
         locations_per_fpn_level: ``{"p3": (H3*W3, 2), ...}`` (x, y) locations,
             as from ``get_fpn_location_coords``.
-        strides_per_fpn_level: ``{"p3": 8, ...}``, same keys, ordered from
-            the finest to the coarsest level.
-        gt_boxes: ``(N, 5)`` GT boxes of one image, or ``(B, N, 5)`` for a
-            batch; rows ``(x1, y1, x2, y2, class_id)``. Padding rows (class
-            ``-1``) never match.
-        center_sampling_radius: Radius of centre sampling in units of the
-            level's stride (FCOS v2 default 1.5), or ``None``.
+        strides_per_fpn_level: ``{"p3": 8, ...}``, same keys, ordered from the finest
+            to the coarsest level.
+        gt_boxes: ``(N, 5)`` GT boxes of one image, or ``(B, N, 5)`` for a batch; rows
+            ``(x1, y1, x2, y2, class_id)``. Padding rows (class ``-1``) never match.
+        center_sampling_radius: Radius of centre sampling in units of the level's
+            stride (FCOS v2 default 1.5), or ``None``.
 
     Returns:
-        Dict with the same keys: the matched GT row of every location, of
-        shape ``(H*W, 5)`` (or ``(B, H*W, 5)`` for batched ``gt_boxes``);
-        background locations get a row of ``-1``.
+        Dict with the same keys: the matched GT row of every location, of shape
+        ``(H*W, 5)`` (or ``(B, H*W, 5)`` for batched ``gt_boxes``); background
+        locations get a row of ``-1``.
     """
     level_names = list(locations_per_fpn_level.keys())
     is_batched = gt_boxes.dim() == 3
     gt = gt_boxes if is_batched else gt_boxes.unsqueeze(0)  # (B, N, 5)
-    locations = _cat_across_fpn_levels(locations_per_fpn_level, dim=0)  # (L, 2)
     num_locations = [locations_per_fpn_level[name].shape[0] for name in level_names]
-    num_images, num_gt = gt.shape[0], gt.shape[1]
+    locations = _cat_across_fpn_levels(locations_per_fpn_level, dim=0)  # (L, 2)
     dtype = torch.promote_types(locations.dtype, gt.dtype)
-    device = locations.device
+    locations, gt = locations.to(dtype), gt.to(dtype)
 
-    if num_gt == 0:
-        matched = gt.new_full((num_images, locations.shape[0], 5), -1, dtype=dtype)
+    if gt.shape[1] == 0:
+        matched = gt.new_full((gt.shape[0], locations.shape[0], 5), -1)
     else:
-        # Per-location stride and scale range, so that all levels are handled
-        # by the same broadcasted comparisons.
-        strides = torch.tensor(
-            [float(strides_per_fpn_level[name]) for name in level_names], dtype=dtype, device=device
-        )
-        lower = strides * 4
-        upper = strides * 8
-        lower[0] = 0.0
-        upper[-1] = float("inf")
-        counts = torch.tensor(num_locations, device=device)
-        strides = strides.repeat_interleave(counts).view(1, -1, 1)  # (1, L, 1)
-        lower = lower.repeat_interleave(counts).view(1, -1, 1)
-        upper = upper.repeat_interleave(counts).view(1, -1, 1)
+        # Per-location stride and scale range: one set of broadcast comparisons
+        # handles all levels.
+        counts = torch.tensor(num_locations, device=locations.device)
+        ranges = fcos_level_scale_ranges({name: strides_per_fpn_level[name] for name in level_names})
 
-        # Locations along dim 1, boxes along dim 2: (1, L, 1) vs (B, 1, N).
-        x = locations[:, 0].to(dtype).view(1, -1, 1)
-        y = locations[:, 1].to(dtype).view(1, -1, 1)
-        x1, y1, x2, y2, class_ids = (v.to(dtype).unsqueeze(1) for v in gt.unbind(dim=2))
-        left, top, right, bottom = x - x1, y - y1, x2 - x, y2 - y  # (B, L, N) each
-        min_dist = torch.minimum(torch.minimum(left, top), torch.minimum(right, bottom))
-        max_dist = torch.maximum(torch.maximum(left, top), torch.maximum(right, bottom))
+        def per_location(values: List[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=locations.device).repeat_interleave(counts)
 
-        is_candidate = (min_dist > 0) & (max_dist > lower) & (max_dist < upper) & (class_ids >= 0)
-        if center_sampling_radius is not None:
-            radius = center_sampling_radius * strides
-            is_candidate &= ((x - (x1 + x2) / 2).abs() < radius) & ((y - (y1 + y2) / 2).abs() < radius)
-
-        # Smallest-area candidate: non-candidates get an infinite area so that
-        # the minimum picks a candidate whenever there is one (ties between
-        # equal areas go to the first box). This is exact, unlike the
-        # "1e8 - area" trick that loses precision in float32.
-        areas = (x2 - x1) * (y2 - y1)  # (B, 1, N)
-        masked_areas = torch.where(is_candidate, areas, torch.full_like(areas, float("inf")))
-        _, matched_idx = masked_areas.min(dim=2)  # (B, L)
-        has_match = is_candidate.any(dim=2, keepdim=True)  # (B, L, 1)
-        matched = torch.gather(gt.to(dtype), 1, matched_idx.unsqueeze(2).expand(-1, -1, 5))
-        matched = torch.where(has_match, matched, torch.full_like(matched, -1))
+        strides = per_location([float(strides_per_fpn_level[name]) for name in level_names])
+        lower = per_location([ranges[name][0] for name in level_names])
+        upper = per_location([ranges[name][1] for name in level_names])
+        is_candidate = fcos_candidates_inside_boxes(locations, gt, strides, center_sampling_radius)
+        is_candidate &= fcos_candidates_in_scale_range(locations, gt, lower, upper)
+        matched = fcos_pick_smallest_box(is_candidate, gt)
 
     if not is_batched:
         matched = matched.squeeze(0)
@@ -872,6 +880,78 @@ def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     raise ValueError(f"Invalid reduction '{reduction}', expected 'none', 'mean' or 'sum'.")
 
 
+def fcos_classification_loss(
+    pred_cls_logits: torch.Tensor,
+    matched_classes: torch.Tensor,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+) -> torch.Tensor:
+    """
+    FCOS loss, term 1: the focal loss of the class logits of **all** locations.
+
+    There is no background class: every class has its own sigmoid classifier, so the
+    target of a location is a one-hot vector of its matched class, and all zeros for
+    a background location (class ``-1``).
+
+    Args:
+        pred_cls_logits: ``(B, L, C)`` class logits of all locations.
+        matched_classes: ``(B, L)`` int64 class of each location's matched GT box,
+            ``-1`` for background.
+        alpha, gamma: Focal-loss parameters (``sigmoid_focal_loss``).
+
+    Returns:
+        Scalar: the focal loss summed over all locations and classes (not normalised;
+        the caller divides by the number of foreground locations).
+    """
+    num_classes = pred_cls_logits.shape[-1]
+    # BEGIN SOLUTION (fcos_loss_cls): Build (B, L, C) one-hot targets (all zeros for background, class -1) and return the summed sigmoid_focal_loss.
+    # Shifting class ids by one maps background (-1) to column 0, which is dropped.
+    targets = F.one_hot(matched_classes + 1, num_classes + 1)[..., 1:].to(pred_cls_logits.dtype)
+    loss = sigmoid_focal_loss(pred_cls_logits, targets, alpha=alpha, gamma=gamma, reduction="sum")
+    # END SOLUTION
+    return loss
+
+
+def fcos_box_and_centerness_losses(
+    pred_boxes: torch.Tensor,
+    gt_boxes: torch.Tensor,
+    pred_ctr_logits: torch.Tensor,
+    gt_centerness: torch.Tensor,
+    centerness_weighted: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    FCOS loss, terms 2 and 3, on the ``K`` **foreground** locations only (background
+    locations have no box to regress to):
+
+    * box loss: ``generalized_box_iou_loss`` between predicted and GT boxes. With
+      ``centerness_weighted`` (FCOS v2, as the official FCOS and mmdetection do) each
+      location's loss is multiplied by its centerness target divided by the mean
+      centerness target of the batch (weights of mean 1 keep the loss scale): central
+      locations, whose boxes win at inference, get the most box supervision;
+    * centerness loss: binary cross-entropy (with logits) between the predicted
+      centerness logits and the centerness targets (soft targets in ``[0, 1]``).
+
+    Args:
+        pred_boxes: ``(K, 4)`` predicted XYXY boxes of the foreground locations.
+        gt_boxes: ``(K, 4)`` their GT boxes.
+        pred_ctr_logits: ``(K,)`` predicted centerness logits.
+        gt_centerness: ``(K,)`` centerness targets (``fcos_make_centerness_targets``).
+        centerness_weighted: Weight the box loss by the centerness targets.
+
+    Returns:
+        ``(loss_box, loss_ctr)``: two scalars, each summed over the ``K`` locations
+        (0 when ``K == 0``).
+    """
+    # BEGIN SOLUTION (fcos_loss_box): GIoU loss per location (optionally times gt_centerness / its mean, the mean clamped at 1e-6), summed; plus the summed BCE-with-logits of the centerness.
+    giou_loss = generalized_box_iou_loss(pred_boxes, gt_boxes)  # (K,)
+    if centerness_weighted and giou_loss.numel() > 0:
+        giou_loss = giou_loss * gt_centerness / gt_centerness.mean().clamp(min=1e-6)
+    loss_box = giou_loss.sum()
+    loss_ctr = F.binary_cross_entropy_with_logits(pred_ctr_logits, gt_centerness, reduction="sum")
+    # END SOLUTION
+    return loss_box, loss_ctr
+
+
 ###############################################################################
 # Non-maximum suppression
 ###############################################################################
@@ -879,36 +959,23 @@ def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float = 0.5) -> torch.Tensor:
     """
-    Non-maximum suppression: visit boxes by decreasing score; keep a box
-    unless a box kept before it overlaps it with IoU > ``iou_threshold``.
+    Non-maximum suppression (greedy): visit the boxes by decreasing score; keep a
+    box unless a box kept before it overlaps it with IoU > ``iou_threshold``.
 
-    Same output as ``torchvision.ops.nms``: the order of boxes with tied
-    scores (a stable descending sort), the comparison with the threshold,
-    degenerate boxes (IoU 0/0 = NaN never suppresses) and float64 included.
+    Write the plain algorithm, with one Python loop over the kept boxes and the IoUs
+    of a kept box with all boxes computed at once (broadcasting). It must return
+    exactly what ``torchvision.ops.nms`` returns, which fixes three details:
 
-    Implementation (vectorized, no Python loop over boxes):
+    * boxes with equal scores are visited in their input order: sort with
+      ``torch.sort(scores, descending=True, stable=True)``;
+    * a box is suppressed only when its IoU is strictly larger than the threshold;
+    * the IoU of boxes ``a`` and ``b`` is ``inter / (area_a + area_b - inter)``, where
+      ``inter`` is the area of the intersection rectangle (0 when they do not
+      overlap). An empty box has IoU 0 / 0 = NaN with another empty box, and NaN is
+      never larger than the threshold.
 
-    1. **Independent clusters.** Two boxes whose x-ranges are disjoint have
-       IoU 0 and never suppress each other. Sweeping the boxes by ``x1`` and
-       starting a new cluster whenever a box begins right of everything
-       before it splits the boxes into clusters that can be processed
-       independently. This matters for class-specific NMS
-       (``class_spec_nms`` shifts each class far away) and for images with
-       separate objects: the work becomes the sum over clusters of
-       ``size^2`` instead of ``N^2``.
-    2. **Blocked greedy, batched over clusters.** Each cluster is a row of
-       box indices in score order (clusters of similar size are padded into
-       one matrix, at most 2x padding). Rows are processed ``block`` boxes at
-       a time, all rows at once:
-
-       * within a block, the greedy result is the unique solution of
-         ``keep[j] = not any(keep[i] and iou[i, j] > t for i < j)``;
-         iterating this equation is exact after at most ``block`` steps
-         (step ``k`` fixes box ``k``), and in practice converges after a
-         handful of (cheap, matrix-wide) steps: a fixed point is the answer;
-       * the boxes kept from the block then suppress the rest of their row
-         at once (one IoU matrix ``kept x rest``), and the suppressed boxes
-         are dropped before the next block.
+    Training and inference use ``a5.kernels.fast_nms``, which gives the same result
+    without the Python loop (it is provided, and it is not what you write here).
 
     Args:
         boxes: ``(N, 4)`` XYXY boxes.
@@ -918,132 +985,24 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float = 0.5) -
     Returns:
         ``(K,)`` int64 indices of the kept boxes, by decreasing score.
     """
-    keep: torch.Tensor = boxes.new_empty((0,), dtype=torch.long)
-    # BEGIN SOLUTION (nms): Implement greedy NMS equal to torchvision.ops.nms (stable descending score order) with vectorized IoU computations instead of a Python loop over boxes.
-    num_boxes = boxes.shape[0]
-    device = boxes.device
-    # torchvision compares the IoU (computed in the boxes' dtype) with the
-    # threshold as a double. Use the threshold of the boxes' dtype that makes
-    # the same decisions: if rounding moved it up, step one value down.
-    thresh = torch.tensor(iou_threshold, dtype=boxes.dtype, device=device)
-    if float(thresh) > iou_threshold:
-        thresh = torch.nextafter(thresh, thresh.new_tensor(-math.inf))
-
-    def iou_above(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-        """(..., M, K) bool: IoU(first[..., m], second[..., k]) > thresh, where
-        ``first`` (5, ..., M) and ``second`` (5, ..., K) hold x1, y1, x2, y2
-        and area. Same floating point operations as torchvision's kernel, so
-        that the decisions are identical even at the threshold."""
-        x1a, y1a, x2a, y2a, area_a = first.unsqueeze(-1)
-        x1b, y1b, x2b, y2b, area_b = second.unsqueeze(-2)
-        inter_w = torch.minimum(x2a, x2b).sub_(torch.maximum(x1a, x1b)).clamp_(min=0)
-        inter_h = torch.minimum(y2a, y2b).sub_(torch.maximum(y1a, y1b)).clamp_(min=0)
-        inter = inter_w.mul_(inter_h)
-        union = (area_a + area_b).sub_(inter)
-        return inter.div_(union) > thresh
-
-    def left_align(values: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
-        """Move the selected entries of each row of ``values`` (G, W) to the
-        left, keeping their order, pad with -1 and trim to the longest row.
-        The new column of a selected entry is the running count of selected
-        entries; the others are written to a spare last column."""
-        width = int(selected.sum(dim=1).max()) if selected.numel() > 0 else 0
-        column = torch.where(selected, torch.cumsum(selected, dim=1) - 1, width)
-        aligned = values.new_full((values.shape[0], width + 1), -1)
-        return aligned.scatter_(1, column, values)[:, :width]
-
-    def greedy_rows(rows: torch.Tensor) -> torch.Tensor:
-        """Greedy NMS within each row of ``rows`` (G, W): positions in score
-        order, left-aligned, padded with -1. Returns the kept positions."""
-        # Boxes per block: one long row wants large blocks (fewer rounds of
-        # Python overhead); many rows want small ones (the G x block x block
-        # intra-block matrices dominate).
-        block = max(32, min(128, int(128 / math.sqrt(max(rows.shape[0], 1)))))
-        kept_rows: List[torch.Tensor] = []
-        while rows.shape[0] > 0 and rows.shape[1] > 0:
-            current, rest = rows[:, :block], rows[:, block:]
-            valid = current >= 0
-            cur_table = table[:, current.clamp(min=0)]  # (5, G, block)
-            # suppresses[g, i, j]: in row g, box i comes before box j and overlaps it.
-            suppresses = iou_above(cur_table, cur_table).triu_(diagonal=1)
-            suppresses &= valid.unsqueeze(-1)  # padding suppresses nothing
-            cur_keep = valid & ~suppresses.any(dim=1)
-            if not torch.equal(cur_keep, valid):
-                while True:  # fixed-point iteration of the greedy equation
-                    new_keep = valid & ~(suppresses & cur_keep.unsqueeze(-1)).any(dim=1)
-                    if torch.equal(new_keep, cur_keep):
-                        break
-                    cur_keep = new_keep
-            kept = left_align(current, cur_keep)  # (G, K): only the kept boxes suppress
-            kept_rows.append(kept[kept >= 0])
-            # Rows are left-aligned: a row has boxes left iff its first entry does.
-            alive = rest[:, 0] >= 0 if rest.shape[1] > 0 else rest.new_zeros((0,), dtype=torch.bool)
-            if not bool(alive.any()):
-                break
-            rest, kept = rest[alive], kept[alive]
-            overlaps = iou_above(table[:, kept.clamp(min=0)], table[:, rest.clamp(min=0)])  # (G, K, R)
-            if not bool((kept >= 0).all()):
-                overlaps &= (kept >= 0).unsqueeze(-1)  # padding suppresses nothing
-            rows = left_align(rest, (rest >= 0) & ~overlaps.any(dim=1))
-            if rows.shape[1] > 0:
-                rows = rows[rows[:, 0] >= 0]
-        return torch.cat(kept_rows) if kept_rows else rows.new_empty((0,))
-
-    if num_boxes > 0:
-        # Stable descending sort: tied scores keep their input order, as in
-        # torchvision. Below, "position" = index in this order.
-        order = torch.sort(scores, descending=True, stable=True).indices
-        sorted_boxes = boxes[order]
-        areas = (sorted_boxes[:, 2] - sorted_boxes[:, 0]) * (sorted_boxes[:, 3] - sorted_boxes[:, 1])
-        # (5, N) table of x1, y1, x2, y2, area: gathering columns gives
-        # contiguous per-coordinate tensors, which the IoU ops read fastest.
-        table = torch.cat([sorted_boxes.t(), areas.unsqueeze(0)])
-        positions = torch.arange(num_boxes, device=device)
-
-        # 1. Clusters: sweep by x1; a box starts a new cluster when it begins at
-        # or right of the largest x2 so far. Only valid when boxes with IoU 0
-        # cannot suppress, i.e. for thresholds >= 0.
-        if iou_threshold >= 0:
-            x_order = torch.sort(sorted_boxes[:, 0], stable=True).indices
-            reach = torch.cummax(sorted_boxes[x_order, 2], dim=0).values
-            starts = torch.ones(num_boxes, dtype=torch.bool, device=device)
-            starts[1:] = sorted_boxes[x_order[1:], 0] >= reach[:-1]
-            cluster = torch.empty_like(positions)
-            cluster[x_order] = torch.cumsum(starts, dim=0) - 1
-        else:
-            cluster = torch.zeros_like(positions)
-
-        # 2. Greedy NMS per cluster.
-        sizes = torch.bincount(cluster)
-        if sizes.numel() == 1:  # one cluster: a single row, in score order
-            kept_positions = greedy_rows(positions.unsqueeze(0))
-        else:
-            # Positions grouped by cluster (a stable sort keeps the score order
-            # inside each cluster) and their rank within the cluster.
-            by_cluster = torch.sort(cluster, stable=True).indices
-            member_cluster = cluster[by_cluster]
-            rank = positions - (torch.cumsum(sizes, dim=0) - sizes)[member_cluster]
-            # Size class k holds the clusters of 2^(k-1) < size <= 2^k boxes;
-            # each class becomes one padded (clusters, largest size) matrix.
-            powers_of_two = torch.tensor([1 << k for k in range(63)], device=device)
-            size_class = torch.bucketize(sizes, powers_of_two)
-            member_class = size_class[member_cluster]
-            kept_chunks: List[torch.Tensor] = []
-            for k in torch.unique(size_class).tolist():
-                in_class = member_class == k
-                if k == 0:  # single-box clusters: nothing can suppress them
-                    kept_chunks.append(by_cluster[in_class])
-                    continue
-                class_clusters = size_class == k
-                row_of_cluster = torch.cumsum(class_clusters, dim=0) - 1
-                rows = positions.new_full((int(class_clusters.sum()), int(sizes[class_clusters].max())), -1)
-                rows[row_of_cluster[member_cluster[in_class]], rank[in_class]] = by_cluster[in_class]
-                kept_chunks.append(greedy_rows(rows))
-            kept_positions = torch.cat(kept_chunks)
-        # Positions in increasing order = decreasing score (ties: input order).
-        keep = order[torch.sort(kept_positions).values]
+    keep: List[int] = []
+    # BEGIN SOLUTION (nms): Sort by score (stable, descending); repeatedly keep the best box that is left and remove the boxes whose IoU with it exceeds iou_threshold. Return the kept indices as an int64 tensor.
+    order = torch.sort(scores, descending=True, stable=True).indices
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    suppressed = torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
+    for index in order.tolist():
+        if suppressed[index]:
+            continue
+        keep.append(index)
+        box = boxes[index]
+        inter_w = (torch.minimum(box[2], boxes[:, 2]) - torch.maximum(box[0], boxes[:, 0])).clamp(min=0)
+        inter_h = (torch.minimum(box[3], boxes[:, 3]) - torch.maximum(box[1], boxes[:, 1])).clamp(min=0)
+        inter = inter_w * inter_h
+        iou = inter / (areas[index] + areas - inter)
+        # Compare in float64, as torchvision does: the threshold is a Python float.
+        suppressed |= iou.double() > iou_threshold
     # END SOLUTION
-    return keep
+    return torch.tensor(keep, dtype=torch.long, device=boxes.device)
 
 
 def class_spec_nms(
@@ -1053,38 +1012,24 @@ def class_spec_nms(
     iou_threshold: float = 0.5,
 ) -> torch.Tensor:
     """
-    Class-specific NMS: boxes of different classes never suppress each other.
+    Class-specific NMS: boxes of different classes never suppress each other (the
+    result of running ``nms`` once per class and merging by score).
 
-    Trick: shift the boxes of each class by a class-dependent offset larger
-    than all coordinates, so that boxes of different classes can no longer
-    overlap, and run one ``nms`` on everything. ``nms`` notices that the
-    shifted classes are spatially separate and handles them as independent
-    clusters, so the cost grows with the square of the class sizes, not of
-    the total number of boxes.
-
-    The shifted boxes are in float64: in float32, an offset of a few thousand
-    pixels leaves only about 1e-3 px of precision, enough to flip IoU
-    comparisons near the threshold. In float64 the IoUs are those of the
-    unshifted boxes, so the result is identical to
-    ``torchvision.ops.batched_nms`` (which runs one NMS per class on large
-    inputs).
+    Provided. It runs ``a5.kernels.batched_nms``: the boxes of each class are shifted
+    by a class-dependent offset larger than all coordinates (so that classes cannot
+    overlap) and one fast NMS handles everything; identical to
+    ``torchvision.ops.batched_nms``.
 
     Args:
         boxes: ``(N, 4)`` XYXY boxes.
         scores: ``(N,)`` scores.
         class_ids: ``(N,)`` integer class (or any group) ids.
-        iou_threshold: IoU threshold of ``nms``.
+        iou_threshold: IoU threshold of the NMS.
 
     Returns:
         ``(K,)`` int64 indices of the kept boxes, by decreasing score.
     """
-    if boxes.numel() == 0:
-        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
-    boxes64 = boxes.to(torch.float64)
-    # Shift by (span + 1) per class: classes then lie in disjoint x/y ranges.
-    span = boxes64.max() - boxes64.min()
-    offsets = class_ids.to(boxes64) * (span + 1)
-    return nms(boxes64 + offsets[:, None], scores, iou_threshold)
+    return batched_nms(boxes, scores, class_ids, iou_threshold)
 
 
 def float32_or_wider(dtype: torch.dtype) -> torch.dtype:
@@ -1100,42 +1045,49 @@ def at_least_float32(x: torch.Tensor) -> torch.Tensor:
     return x.to(float32_or_wider(x.dtype))
 
 
-def split_kept_per_image(
-    keep: torch.Tensor,
-    image_ids: torch.Tensor,
-    num_images: int,
-    max_per_image: Optional[int] = None,
-) -> List[torch.Tensor]:
-    """
-    Split the survivors of one NMS over a whole batch by image.
+def clip_boxes(boxes: torch.Tensor, image_size: Tuple[int, int]) -> torch.Tensor:
+    """Clip ``(..., 4)`` XYXY boxes to an image of ``(height, width)``."""
+    height, width = image_size
+    x1, y1, x2, y2 = boxes.unbind(dim=-1)
+    return torch.stack(
+        [x1.clamp(0, width), y1.clamp(0, height), x2.clamp(0, width), y2.clamp(0, height)], dim=-1
+    )
 
-    Detectors run a single ``class_spec_nms`` for all images at once (groups =
-    (image, class) pairs): far fewer calls than one NMS per image. This gives
-    back each image's share, best first, capped at ``max_per_image``.
+
+def fcos_level_candidates(
+    cls_logits: torch.Tensor,
+    ctr_logits: torch.Tensor,
+    topk: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """
+    Inference on one FPN level: the ``k = min(topk, H*W*C)`` best (location, class)
+    pairs of every image.
+
+    The score of location ``i`` for class ``c`` is
+    ``sqrt(sigmoid(cls_logits[i, c]) * sigmoid(ctr_logits[i]))``: the geometric mean
+    of the class probability and the centerness, which ranks boxes predicted far from
+    an object's centre lower. Flatten the ``(H*W, C)`` scores of each image so that
+    entry ``i * C + c`` is (location ``i``, class ``c``), take the top ``k`` (sorted by
+    decreasing score), and recover ``i`` and ``c`` from the flat index.
 
     Args:
-        keep: ``(K,)`` indices of the kept candidates by decreasing score (as
-            returned by ``nms`` / ``class_spec_nms``).
-        image_ids: ``(N,)`` image index of every candidate.
-        num_images: Batch size ``B`` (images without survivors get an empty
-            tensor).
-        max_per_image: Keep at most this many per image (``None``: all).
+        cls_logits: ``(B, H*W, C)`` class logits.
+        ctr_logits: ``(B, H*W, 1)`` centerness logits.
+        topk: Most candidates kept per image.
 
     Returns:
-        List of ``B`` int64 tensors of candidate indices, by decreasing score.
+        ``(scores, location_idx, labels)``, each ``(B, k)``: the scores (decreasing),
+        the location index in ``[0, H*W)`` and the class in ``[0, C)`` of each candidate.
     """
-    # A stable sort by image groups `keep` per image and keeps the score order
-    # within each image; an entry's rank in its image is its position minus
-    # the position where its image starts.
-    keep = keep[torch.sort(image_ids[keep], stable=True).indices]
-    kept_image_ids = image_ids[keep]
-    counts = torch.bincount(kept_image_ids, minlength=num_images)
-    if max_per_image is not None:
-        starts = torch.cumsum(counts, dim=0) - counts
-        rank = torch.arange(keep.numel(), device=keep.device) - starts[kept_image_ids]
-        keep = keep[rank < max_per_image]
-        counts = counts.clamp(max=max_per_image)
-    return list(keep.split(counts.tolist()))
+    num_classes = cls_logits.shape[-1]
+    # BEGIN SOLUTION (fcos_inference): Score every (location, class) pair as sqrt(sigmoid(cls) * sigmoid(ctr)), flatten to (B, H*W*C), take the top k and split the flat index into location (// C) and class (% C).
+    scores = torch.sqrt(torch.sigmoid(cls_logits) * torch.sigmoid(ctr_logits)).flatten(start_dim=1)
+    k = min(topk, scores.shape[1])
+    top_scores, top_idx = scores.topk(k, dim=1)
+    location_idx = top_idx // num_classes
+    labels = top_idx % num_classes
+    # END SOLUTION
+    return top_scores, location_idx, labels
 
 
 ###############################################################################
@@ -1181,7 +1133,7 @@ class FCOS(nn.Module):
         focal_gamma: float = 2.0,
         topk_candidates: int = 1000,
         detections_per_image: int = 100,
-        normalizer_init: float = 150.0,
+        normalizer_init: Optional[float] = None,
         normalizer_momentum: float = 0.9,
     ):
         """
@@ -1204,7 +1156,10 @@ class FCOS(nn.Module):
             focal_alpha, focal_gamma: Focal loss parameters.
             topk_candidates: Candidates kept per level before NMS.
             detections_per_image: Maximum number of detections per image.
-            normalizer_init: Initial EMA of the foreground count per image.
+            normalizer_init: Initial EMA of the foreground count per image;
+                ``None`` (default) starts it at the first training batch's count
+                (a fixed start far from the real count makes the normalised
+                losses drift for the first few dozen iterations).
             normalizer_momentum: EMA momentum (weight of the old value).
         """
         super().__init__()
@@ -1225,8 +1180,9 @@ class FCOS(nn.Module):
         self.normalizer_momentum = normalizer_momentum
         # EMA of the number of foreground locations *per image*; a persistent
         # buffer so that it is saved in checkpoints (exact resumption) and
-        # follows .to(device/dtype).
-        self.register_buffer("_normalizer", torch.tensor(float(normalizer_init)))
+        # follows .to(device/dtype). A negative value means "not started yet".
+        start = -1.0 if normalizer_init is None else float(normalizer_init)
+        self.register_buffer("_normalizer", torch.tensor(start))
 
     def _run_network(
         self, images: ImagesOrFeatures
@@ -1281,7 +1237,7 @@ class FCOS(nn.Module):
         ) = self._run_network(images)
 
         if not self.training:
-            detections = self.inference(
+            detections = self.postprocess(
                 locations_per_fpn_level,
                 pred_cls_logits,
                 pred_boxreg_deltas,
@@ -1304,6 +1260,40 @@ class FCOS(nn.Module):
             locations_per_fpn_level, pred_cls_logits, pred_boxreg_deltas, pred_ctr_logits, gt_boxes
         )
 
+    def update_normalizer(self, foreground: torch.Tensor) -> torch.Tensor:
+        """
+        The number that divides the three losses: the expected number of foreground
+        locations in the batch. The count of one batch is noisy (a batch of small
+        objects has few positives), so FCOS uses an exponential moving average (EMA)
+        of the foreground count *per image*, stored in the buffer ``self._normalizer``:
+
+            ema = count                                   on the first batch
+                                                          (the buffer is negative)
+            ema = m * ema + (1 - m) * count               afterwards,
+                                                          m = self.normalizer_momentum
+
+        The EMA is updated only in training mode. The returned normaliser is
+        ``ema * B``, at least 1.
+
+        Args:
+            foreground: ``(B, L)`` bool, True for the foreground locations.
+
+        Returns:
+            Scalar tensor (no gradient).
+        """
+        num_images = foreground.shape[0]
+        ema = self._normalizer
+        if self.training:
+            with torch.no_grad():
+                count = foreground.sum().to(ema.dtype) / num_images
+                # BEGIN SOLUTION (fcos_normalizer): Update the EMA buffer in place (ema.copy_(...)): the count itself if the buffer is negative (first batch), else m * ema + (1 - m) * count.
+                momentum = self.normalizer_momentum
+                updated = momentum * ema + (1 - momentum) * count
+                # torch.where instead of an `if` on a tensor: no GPU -> CPU sync.
+                ema.copy_(torch.where(ema < 0, count, updated))
+                # END SOLUTION
+        return (ema.detach().clone() * num_images).clamp(min=1.0)
+
     def compute_losses(
         self,
         locations_per_fpn_level: TensorDict,
@@ -1313,7 +1303,16 @@ class FCOS(nn.Module):
         gt_boxes: torch.Tensor,
     ) -> TensorDict:
         """
-        Training losses of FCOS.
+        Training losses of FCOS (provided glue around the parts you write):
+
+        1. match every location to a GT box (``fcos_match_locations_to_gt``);
+        2. the normaliser (``update_normalizer``);
+        3. the focal loss over all locations (``fcos_classification_loss``);
+        4. on foreground locations: box targets (``fcos_get_deltas_from_locations``),
+           centerness targets (``fcos_make_centerness_targets``), decoded predicted
+           boxes (``fcos_apply_deltas_to_locations``), and the box and centerness
+           losses (``fcos_box_and_centerness_losses``; ``box_loss="l1"``: the
+           course's ``0.25 * L1`` on the deltas instead of GIoU).
 
         Args:
             locations_per_fpn_level: ``{"p3": (H3*W3, 2), ...}``.
@@ -1323,83 +1322,49 @@ class FCOS(nn.Module):
             gt_boxes: ``(B, N, 5)`` padded GT boxes.
 
         Returns:
-            Dict with scalar "loss_cls", "loss_box", "loss_ctr", each a sum
-            over locations divided by ``EMA(foreground per image) * B``.
-            The EMA is updated here (training mode only).
+            Dict with scalar "loss_cls", "loss_box", "loss_ctr", each a sum over
+            locations divided by the normaliser.
         """
-        losses: TensorDict = {}
-        # BEGIN SOLUTION (fcos_loss): Match locations to GT (batched), build class one-hot / delta / centerness targets, update the foreground EMA, and compute focal, GIoU (centerness-weighted, mean-1 weights; or 0.25 * L1) and centerness BCE losses over foreground, normalized by EMA * batch size.
         strides_per_fpn_level = self.backbone.fpn_strides
         matched_per_level = fcos_match_locations_to_gt(
-            locations_per_fpn_level,
-            strides_per_fpn_level,
-            gt_boxes,
-            center_sampling_radius=self.center_sampling_radius,
+            locations_per_fpn_level, strides_per_fpn_level, gt_boxes, self.center_sampling_radius
         )
-        # Concatenate levels: L = total number of locations.
-        matched_gt = _cat_across_fpn_levels(matched_per_level, dim=1)  # (B, L, 5)
+        # Concatenate the levels: L = total number of locations.
         pred_cls = _cat_across_fpn_levels(pred_cls_logits, dim=1)  # (B, L, C)
         pred_box = _cat_across_fpn_levels(pred_boxreg_deltas, dim=1)  # (B, L, 4)
         pred_ctr = _cat_across_fpn_levels(pred_ctr_logits, dim=1)  # (B, L, 1)
+        matched_gt = _cat_across_fpn_levels(matched_per_level, dim=1).to(pred_box.dtype)  # (B, L, 5)
         locations = _cat_across_fpn_levels(locations_per_fpn_level, dim=0)  # (L, 2)
         strides = torch.cat(
-            [
-                locations.new_full((locs.shape[0], 1), float(strides_per_fpn_level[name]))
-                for name, locs in locations_per_fpn_level.items()
-            ]
+            [locs.new_full((locs.shape[0], 1), float(strides_per_fpn_level[name]))
+             for name, locs in locations_per_fpn_level.items()]
         )  # (L, 1)
-        matched_gt = matched_gt.to(pred_box.dtype)
         num_images = pred_cls.shape[0]
-
         foreground = matched_gt[..., 4] >= 0  # (B, L)
 
-        # EMA of foreground locations per image: the per-batch count is
-        # noisy, the EMA gives a steadier loss scale.
-        if self.training:
-            with torch.no_grad():
-                num_fg_per_image = foreground.sum().to(self._normalizer.dtype) / num_images
-                momentum = self.normalizer_momentum
-                self._normalizer.mul_(momentum).add_((1 - momentum) * num_fg_per_image)
-        normalizer = (self._normalizer.detach().clone() * num_images).clamp(min=1.0)
-
-        # Classification: one-hot targets, all zeros for background.
-        # Shifting class ids by one maps background (-1) to column 0, which
-        # is dropped.
-        gt_classes = matched_gt[..., 4].long()
-        cls_targets = F.one_hot(gt_classes + 1, self.num_classes + 1)[..., 1:].to(pred_cls.dtype)
-        loss_cls = sigmoid_focal_loss(
-            pred_cls, cls_targets, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum"
+        normalizer = self.update_normalizer(foreground)
+        loss_cls = fcos_classification_loss(
+            pred_cls, matched_gt[..., 4].long(), alpha=self.focal_alpha, gamma=self.focal_gamma
         )
-
-        # Box regression and centerness only on foreground locations.
-        gt_deltas = fcos_get_deltas_from_locations(locations, matched_gt, strides)  # (B, L, 4)
+        # Foreground locations only: K = number of foreground locations in the batch.
+        fg_gt = matched_gt[foreground]  # (K, 5)
+        fg_locations = locations.expand(num_images, -1, -1)[foreground]  # (K, 2)
+        fg_strides = strides.expand(num_images, -1, -1)[foreground]  # (K, 1)
         fg_pred_deltas = pred_box[foreground]  # (K, 4)
-        fg_gt_deltas = gt_deltas[foreground]
-        gt_centerness = fcos_make_centerness_targets(fg_gt_deltas)  # (K,)
-        if self.box_loss == "giou":
-            fg_locations = locations.expand(num_images, -1, -1)[foreground]
-            fg_strides = strides.expand(num_images, -1, -1)[foreground]
-            fg_pred_boxes = fcos_apply_deltas_to_locations(fg_pred_deltas, fg_locations, fg_strides)
-            giou_loss = generalized_box_iou_loss(fg_pred_boxes, matched_gt[foreground][:, :4])  # (K,)
-            if self.centerness_weighted_box_loss and giou_loss.numel() > 0:
-                # Mean-1 weights keep the loss scale of the uniform version.
-                weights = gt_centerness / gt_centerness.mean().clamp(min=1e-6)
-                giou_loss = weights * giou_loss
-            loss_box = giou_loss.sum()
-        else:
-            loss_box = 0.25 * (fg_pred_deltas - fg_gt_deltas).abs().sum()
-
-        loss_ctr = F.binary_cross_entropy_with_logits(
-            pred_ctr[foreground].squeeze(-1), gt_centerness, reduction="sum"
+        gt_deltas = fcos_get_deltas_from_locations(fg_locations, fg_gt, fg_strides)
+        gt_centerness = fcos_make_centerness_targets(gt_deltas)  # (K,)
+        fg_pred_boxes = fcos_apply_deltas_to_locations(fg_pred_deltas, fg_locations, fg_strides)
+        loss_box, loss_ctr = fcos_box_and_centerness_losses(
+            fg_pred_boxes, fg_gt[:, :4], pred_ctr[foreground].squeeze(-1), gt_centerness,
+            centerness_weighted=self.centerness_weighted_box_loss,
         )
-
-        losses = {
+        if self.box_loss == "l1":
+            loss_box = 0.25 * (fg_pred_deltas - gt_deltas).abs().sum()
+        return {
             "loss_cls": loss_cls / normalizer,
             "loss_box": loss_box / normalizer,
             "loss_ctr": loss_ctr / normalizer,
         }
-        # END SOLUTION
-        return losses
 
     @torch.no_grad()
     def predict(
@@ -1428,7 +1393,7 @@ class FCOS(nn.Module):
         self.eval()
         try:
             outputs = self._run_network(images)
-            return self.inference(
+            return self.postprocess(
                 *outputs,
                 image_size=image_size_of(images),
                 score_thresh=score_thresh,
@@ -1438,7 +1403,7 @@ class FCOS(nn.Module):
             self.train(was_training)
 
     @torch.no_grad()
-    def inference(
+    def postprocess(
         self,
         locations_per_fpn_level: TensorDict,
         pred_cls_logits: TensorDict,
@@ -1465,58 +1430,31 @@ class FCOS(nn.Module):
         Returns:
             As ``predict``: one dict {"boxes", "labels", "scores"} per image.
         """
-        detections: List[TensorDict] = []
-        # BEGIN SOLUTION (fcos_inference): Score (location, class) pairs by sqrt(sigmoid(cls) * sigmoid(ctr)), keep the top-k per level above score_thresh, decode and clip boxes, run class-specific NMS per image and class, and cap detections per image.
         strides_per_fpn_level = self.backbone.fpn_strides
-        height, width = image_size
-        num_classes = self.num_classes
-        all_boxes, all_scores, all_labels = [], [], []
+        boxes_per_level, scores_per_level, labels_per_level = [], [], []
         for level_name, locations in locations_per_fpn_level.items():
-            cls_logits = pred_cls_logits[level_name]  # (B, HW, C)
-            num_images = cls_logits.shape[0]
-            scores = torch.sqrt(
-                torch.sigmoid(cls_logits) * torch.sigmoid(pred_ctr_logits[level_name])
-            ).flatten(start_dim=1)  # (B, HW * C): index = location * C + class
-            k = min(self.topk_candidates, scores.shape[1])
-            top_scores, top_idx = scores.topk(k, dim=1)  # (B, k), sorted
-            location_idx = top_idx // num_classes
-            labels = top_idx % num_classes
+            scores, location_idx, labels = fcos_level_candidates(
+                pred_cls_logits[level_name], pred_ctr_logits[level_name], self.topk_candidates
+            )  # (B, k) each
             deltas = torch.gather(
                 pred_boxreg_deltas[level_name], 1, location_idx.unsqueeze(-1).expand(-1, -1, 4)
             )
             boxes = fcos_apply_deltas_to_locations(
                 deltas, locations[location_idx], strides_per_fpn_level[level_name]
             )  # (B, k, 4)
-            all_boxes.append(boxes)
-            all_scores.append(top_scores)
-            all_labels.append(labels)
-
-        boxes = torch.cat(all_boxes, dim=1)  # (B, M, 4)
-        scores = torch.cat(all_scores, dim=1)  # (B, M)
-        labels = torch.cat(all_labels, dim=1)  # (B, M)
+            boxes_per_level.append(boxes)
+            scores_per_level.append(scores)
+            labels_per_level.append(labels)
+        boxes = clip_boxes(torch.cat(boxes_per_level, dim=1), image_size)  # (B, M, 4)
+        scores = torch.cat(scores_per_level, dim=1)  # (B, M)
+        labels = torch.cat(labels_per_level, dim=1)  # (B, M)
         num_images = boxes.shape[0]
-        boxes = torch.stack(
-            [
-                boxes[..., 0].clamp(min=0, max=width),
-                boxes[..., 1].clamp(min=0, max=height),
-                boxes[..., 2].clamp(min=0, max=width),
-                boxes[..., 3].clamp(min=0, max=height),
-            ],
-            dim=-1,
-        )
         image_ids = torch.arange(num_images, device=boxes.device).unsqueeze(1).expand_as(labels)
-
-        # Flatten the batch, keeping only candidates above the threshold.
+        # Flatten the batch, keeping the candidates above the threshold; then one
+        # class-specific NMS per image (all images in one call) and the best
+        # detections_per_image of each.
         is_candidate = scores > score_thresh
-        boxes, scores = boxes[is_candidate], scores[is_candidate]
-        labels, image_ids = labels[is_candidate], image_ids[is_candidate]
-
-        # One NMS for the whole batch: a group per (image, class).
-        keep = class_spec_nms(boxes, scores, image_ids * num_classes + labels, nms_thresh)
-
-        for keep_image in split_kept_per_image(keep, image_ids, num_images, self.detections_per_image):
-            detections.append(
-                {"boxes": boxes[keep_image], "labels": labels[keep_image], "scores": scores[keep_image]}
-            )
-        # END SOLUTION
-        return detections
+        return select_detections(
+            boxes[is_candidate], scores[is_candidate], labels[is_candidate], image_ids[is_candidate],
+            num_images, nms_thresh, self.detections_per_image,
+        )

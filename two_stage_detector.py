@@ -49,16 +49,15 @@ import torchvision
 from torch import nn
 from torch.nn import functional as F
 
-from fcos import (  # noqa: F401  (DetectorBackboneWithFPN is re-exported for notebooks)
-    DetectorBackboneWithFPN,
+from a5.kernels import nms_topk_per_image, roi_align, select_detections
+from fcos import (
     TensorDict,
+    _cat_across_fpn_levels,
     at_least_float32,
-    class_spec_nms,
+    clip_boxes,
     float32_or_wider,
     get_fpn_location_coords,
     image_size_of,
-    nms,
-    split_kept_per_image,
 )
 
 # Value of the rows of neutral anchors / proposals (ignored in training), and of their
@@ -215,24 +214,6 @@ def generate_fpn_anchors(
     return anchors_per_fpn_level
 
 
-def _box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
-    """
-    Pairwise IoU, batched: ``(..., M, 4)`` and ``(..., N, 4)`` -> ``(..., M, N)``
-    (leading dims broadcast). Provided helper of the matcher; ``iou`` below is the
-    public (student) version of the same computation.
-    """
-    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
-    area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
-    # Coordinates one at a time: (..., M, N) tensors, no reduction over a size-2 dim (slow).
-    b1, b2 = boxes1[..., :, None, :], boxes2[..., None, :, :]
-    inter_w = (torch.minimum(b1[..., 2], b2[..., 2]) - torch.maximum(b1[..., 0], b2[..., 0])).clamp_(min=0)
-    inter_h = (torch.minimum(b1[..., 3], b2[..., 3]) - torch.maximum(b1[..., 1], b2[..., 1])).clamp_(min=0)
-    inter = inter_w * inter_h
-    union = area1[..., :, None] + area2[..., None, :] - inter
-    # Two empty boxes have union 0: call their IoU 0 rather than NaN.
-    return inter / union.clamp_(min=torch.finfo(union.dtype).tiny)
-
-
 def iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     """
     Compute the intersection-over-union of every box of ``boxes1`` with every box
@@ -244,7 +225,7 @@ def iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
 
     Returns:
         Tensor of shape ``(M, N)``; entry ``(i, j)`` is the IoU of ``boxes1[i]`` and
-        ``boxes2[j]``, in ``[0, 1]``. (Leading batch dims, if any, broadcast.)
+        ``boxes2[j]``, in ``[0, 1]``. Two empty boxes (union 0) have IoU 0.
     """
     # BEGIN SOLUTION (iou): compute the (M, N) matrix of pairwise IoUs with broadcasting (intersection / union).
     area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])  # (M,)
@@ -260,6 +241,61 @@ def iou(boxes1: torch.Tensor, boxes2: torch.Tensor) -> torch.Tensor:
     return iou_matrix
 
 
+def rcnn_match_by_threshold(
+    ious: torch.Tensor, iou_thresholds: Tuple[float, float]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    Anchor matching, step 1: every anchor takes the GT box it overlaps most, and its
+    best IoU decides what it is:
+
+    * ``>= iou_thresholds[1]``: foreground (state ``1``), it regresses that box;
+    * ``< iou_thresholds[0]``: background (state ``0``);
+    * in between: neutral (state ``-1``), ambiguous, ignored in training.
+
+    Args:
+        ious: ``(B, A, N)`` IoU of every anchor with every GT box of its image
+            (padding boxes have IoU ``-1``).
+        iou_thresholds: ``(low, high)``, e.g. ``(0.3, 0.7)`` in the paper.
+
+    Returns:
+        ``(matched_idx, state)``, both ``(B, A)`` int64: the index of each anchor's
+        best GT box (the first one among equal IoUs) and its state.
+    """
+    low, high = iou_thresholds
+    # BEGIN SOLUTION (rcnn_match): Take each anchor's best IoU and its GT index (max over boxes), then set the state to 1 where best >= high, 0 where best < low and -1 in between.
+    best_iou, matched_idx = ious.max(dim=2)
+    state = torch.full_like(matched_idx, -1)
+    state[best_iou >= high] = 1
+    state[best_iou < low] = 0
+    # END SOLUTION
+    return matched_idx, state
+
+
+def rcnn_low_quality_matches(ious: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    Anchor matching, step 2 (Faster R-CNN's "low-quality matches"): a GT box whose
+    anchors all have a low IoU (a very small or thin object) would get no anchor. So the
+    anchor(s) with the highest IoU for each GT box (ties included) are foreground for
+    it too, whatever that IoU, as long as it is above 0. An anchor that is the best
+    anchor of several GT boxes takes the one it overlaps most.
+
+    Args:
+        ious: ``(B, A, N)`` IoUs, as in step 1.
+
+    Returns:
+        ``(promoted, best_gt_idx)``, both ``(B, A)``: bool, True for the anchors that
+        are the best anchor of some GT box, and int64, the GT box each of them takes
+        (any value where ``promoted`` is False).
+    """
+    # BEGIN SOLUTION (rcnn_low_quality): Find each GT box's highest IoU over anchors (max over dim 1), mark the anchors that reach it (and > 0), and let each marked anchor take the marked GT box it overlaps most.
+    best_iou_per_gt = ious.max(dim=1, keepdim=True).values  # (B, 1, N)
+    is_best = (ious == best_iou_per_gt) & (best_iou_per_gt > 0)
+    best_quality, best_gt_idx = ious.masked_fill(~is_best, -1.0).max(dim=2)
+    promoted = best_quality > 0
+    # END SOLUTION
+    return promoted, best_gt_idx
+
+
 @torch.no_grad()
 def rcnn_match_anchors_to_gt(
     anchor_boxes: torch.Tensor,
@@ -269,17 +305,10 @@ def rcnn_match_anchors_to_gt(
 ) -> torch.Tensor:
     """
     Match anchor boxes (or proposals) with GT boxes by IoU, as in Faster R-CNN:
-
-    * an anchor whose best IoU is ``>= iou_thresholds[1]`` is *foreground* and gets
-      the row of that GT box;
-    * an anchor whose best IoU is ``< iou_thresholds[0]`` is *background* and gets a
-      row of ``-1``;
-    * anchors in between are *neutral* (ambiguous, ignored in training) and get a
-      row of ``-1e8``.
-    * ``allow_low_quality_matches``: a GT box whose anchors all have a low IoU (a
-      very small or thin object) would get no anchor at all. So, as in the paper,
-      the anchor(s) with the highest IoU for each GT box are foreground as well
-      (matched with that GT box), whatever their IoU (as long as it is > 0).
+    provided glue around ``iou`` and the two steps you write
+    (``rcnn_match_by_threshold``, ``rcnn_low_quality_matches``). Foreground anchors get
+    the row of their GT box, background anchors a row of ``-1`` and neutral anchors a
+    row of ``-1e8``.
 
     This function is batched: with ``gt_boxes`` of shape ``(B, N, 5)`` every image is
     matched at once (padding rows with class ``-1`` never match).
@@ -298,35 +327,25 @@ def rcnn_match_anchors_to_gt(
     """
     batched = gt_boxes.dim() == 3
     gt = gt_boxes if batched else gt_boxes[None]
-    anchors = anchor_boxes if anchor_boxes.dim() == 3 else anchor_boxes[None]
-    num_images, num_anchors = gt.shape[0], anchors.shape[-2]
-    low, high = iou_thresholds
-
+    num_images = gt.shape[0]
+    anchors = anchor_boxes if anchor_boxes.dim() == 3 else anchor_boxes[None].expand(num_images, -1, -1)
+    num_anchors = anchors.shape[1]
     if gt.shape[1] == 0:
         # No GT boxes at all: everything is background.
         matched = gt.new_full((num_images, num_anchors, 5), -1.0)
         return matched if batched else matched[0]
 
-    valid_gt = gt[..., 4] != -1  # (B, N): padding rows must never match
-    ious = _box_iou(anchors, gt[..., :4])  # (B, A, N)
-    ious = ious.masked_fill(~valid_gt[:, None, :], -1.0)
-    match_quality, matched_idx = ious.max(dim=2)  # (B, A)
-
+    ious = torch.stack([iou(anchors[b], gt[b, :, :4]) for b in range(num_images)])  # (B, A, N)
+    ious = ious.masked_fill(gt[:, None, :, 4] == -1, -1.0)  # padding rows never match
+    matched_idx, state = rcnn_match_by_threshold(ious, iou_thresholds)
     if allow_low_quality_matches:
-        # For each GT box, the anchors that reach its highest IoU (ties included).
-        best_iou_per_gt = ious.max(dim=1, keepdim=True).values  # (B, 1, N)
-        is_best = (ious == best_iou_per_gt) & (best_iou_per_gt > 0)
-        # An anchor that is the best for several GT boxes takes the one it overlaps most.
-        best_quality, best_gt_idx = ious.masked_fill(~is_best, -1.0).max(dim=2)
-        promoted = (best_quality > 0) & (match_quality < high)
+        promoted, best_gt_idx = rcnn_low_quality_matches(ious)
+        promoted &= state != 1  # foreground anchors keep their own best box
         matched_idx = torch.where(promoted, best_gt_idx, matched_idx)
-    else:
-        promoted = torch.zeros_like(match_quality, dtype=torch.bool)
+        state = torch.where(promoted, torch.ones_like(state), state)
 
     matched = torch.gather(gt, 1, matched_idx[..., None].expand(num_images, num_anchors, 5))
-    is_background = (match_quality < low) & ~promoted
-    is_neutral = (match_quality >= low) & (match_quality < high) & ~promoted
-    matched = matched.masked_fill_(is_background[..., None], -1.0).masked_fill_(is_neutral[..., None], NEUTRAL)
+    matched = matched.masked_fill(state[..., None] == 0, -1.0).masked_fill(state[..., None] == -1, NEUTRAL)
     return matched if batched else matched[0]
 
 
@@ -544,115 +563,6 @@ def reassign_proposals_to_fpn_levels(
     return proposals_per_fpn_level
 
 
-def _roi_align_input_grad(
-    grad_output: torch.Tensor,
-    rois: torch.Tensor,
-    input_shape: torch.Size,
-    spatial_scale: float,
-    sampling_ratio: int,
-) -> torch.Tensor:
-    """
-    Gradient of ``torchvision.ops.roi_align(..., aligned=True)`` with respect to its
-    input features, for a fixed ``sampling_ratio > 0``.
-
-    Every output bin is the mean of ``sampling_ratio ** 2`` bilinear samples, and each
-    sample reads 4 neighbouring feature cells, so the op is a sparse linear map
-    ``M`` from the ``(B * H * W)`` cells to the ``(K * PH * PW)`` bins (per channel).
-    Its gradient is ``M^T @ grad_output``: we build ``M`` (16 entries per bin for
-    a sampling ratio of 2) with tensor ops, following torchvision's kernel exactly
-    (samples more than one cell outside the map are ignored; samples on the border
-    are clamped), and let one sparse matrix product do the scatter for all channels.
-
-    Returns:
-        ``(B, C, H, W)`` gradient (a permuted view, which autograd accepts).
-    """
-    num_images, channels, height, width = input_shape
-    num_rois, _, pooled_h, pooled_w = grad_output.shape
-    dtype, device = grad_output.dtype, grad_output.device
-    rois = rois.to(dtype)
-    batch_idx = rois[:, 0].long()
-    start_x = rois[:, 1] * spatial_scale - 0.5  # aligned=True: pixel centres at +0.5
-    start_y = rois[:, 2] * spatial_scale - 0.5
-    bin_w = (rois[:, 3] - rois[:, 1]) * spatial_scale / pooled_w
-    bin_h = (rois[:, 4] - rois[:, 2]) * spatial_scale / pooled_h
-    # Sample positions are a separable grid: (K, PH, s) rows and (K, PW, s) columns.
-    offsets = (torch.arange(sampling_ratio, dtype=dtype, device=device) + 0.5) / sampling_ratio
-    grid_y = torch.arange(pooled_h, dtype=dtype, device=device)[:, None] + offsets  # (PH, s)
-    grid_x = torch.arange(pooled_w, dtype=dtype, device=device)[:, None] + offsets  # (PW, s)
-    ys = start_y[:, None, None] + grid_y * bin_h[:, None, None]
-    xs = start_x[:, None, None] + grid_x * bin_w[:, None, None]
-
-    def neighbours(coords: torch.Tensor, size: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        # Indices and weights (..., 2) of the two cells a coordinate interpolates.
-        inside = ((coords >= -1.0) & (coords <= size)).to(dtype)
-        coords = coords.clamp(min=0)
-        low = coords.floor().long().clamp(max=size - 1)
-        at_end = low >= size - 1
-        high = torch.where(at_end, low, low + 1)
-        frac = torch.where(at_end, torch.zeros_like(coords), coords - low.to(dtype)) * inside
-        return torch.stack([low, high], dim=-1), torch.stack([inside - frac, frac], dim=-1)
-
-    y_idx, y_w = neighbours(ys, height)  # (K, PH, s, 2)
-    x_idx, x_w = neighbours(xs, width)  # (K, PW, s, 2)
-    # Outer product over (bin row, bin column, sample row, sample column, 2 rows, 2 columns).
-    y_idx, y_w = y_idx[:, :, None, :, None, :, None], y_w[:, :, None, :, None, :, None]
-    x_idx, x_w = x_idx[:, None, :, None, :, None, :], x_w[:, None, :, None, :, None, :]
-    cells = (batch_idx[:, None, None, None, None, None, None] * height + y_idx) * width + x_idx
-    weights = y_w * (x_w / (sampling_ratio * sampling_ratio))
-    num_bins = num_rois * pooled_h * pooled_w
-    entries_per_bin = 4 * sampling_ratio * sampling_ratio  # samples x neighbours
-    bins = torch.arange(num_bins, device=device)[:, None].expand(num_bins, entries_per_bin)
-    matrix = torch.sparse_coo_tensor(
-        torch.stack([cells.reshape(-1), bins.reshape(-1)]),
-        weights.reshape(-1),
-        (num_images * height * width, num_bins),
-        check_invariants=False,
-    )
-    grad_bins = grad_output.permute(0, 2, 3, 1).reshape(num_bins, channels)
-    grad_cells = torch.sparse.mm(matrix, grad_bins)  # (B*H*W, C); duplicates are summed
-    return grad_cells.reshape(num_images, height, width, channels).permute(0, 3, 1, 2)
-
-
-class _RoIAlignFastBackward(torch.autograd.Function):
-    """
-    ``torchvision.ops.roi_align`` (aligned) whose backward pass is
-    ``_roi_align_input_grad``. On CPU, torchvision's backward is a serial scalar
-    loop over every (RoI, channel, bin, sample) and is the most expensive step of
-    the second stage; the sparse product gives the same gradient several times
-    faster (and uses all cores). The forward pass is torchvision's.
-    """
-
-    @staticmethod
-    def forward(ctx, feats, rois, output_size, spatial_scale, sampling_ratio):
-        ctx.save_for_backward(rois)
-        ctx.input_shape = feats.shape
-        ctx.spatial_scale = spatial_scale
-        ctx.sampling_ratio = sampling_ratio
-        return torchvision.ops.roi_align(feats, rois, output_size, spatial_scale, sampling_ratio, aligned=True)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        (rois,) = ctx.saved_tensors
-        grad = _roi_align_input_grad(grad_output, rois, ctx.input_shape, ctx.spatial_scale, ctx.sampling_ratio)
-        return grad, None, None, None, None
-
-
-def _roi_align(
-    feats: torch.Tensor, rois: torch.Tensor, output_size: Tuple[int, int], spatial_scale: float, sampling_ratio: int
-) -> torch.Tensor:
-    """``torchvision.ops.roi_align(aligned=True)``, with the fast backward on CPU."""
-    use_fast_backward = (
-        feats.requires_grad
-        and torch.is_grad_enabled()
-        and feats.device.type == "cpu"
-        and feats.dtype in (torch.float32, torch.float64)
-        and sampling_ratio > 0
-    )
-    if use_fast_backward:
-        return _RoIAlignFastBackward.apply(feats, rois, output_size, spatial_scale, sampling_ratio)
-    return torchvision.ops.roi_align(feats, rois, output_size, spatial_scale, sampling_ratio, aligned=True)
-
-
 def multiscale_roi_align(
     feats_per_fpn_level: TensorDict,
     strides_per_fpn_level: Dict[str, int],
@@ -675,8 +585,8 @@ def multiscale_roi_align(
     ``torchvision.ops.roi_align`` is called once per level for the whole batch,
     with ``aligned=True`` (pixel-exact half-pixel offsets) and ``sampling_ratio``
     sampling points per bin side (2, like torchvision's ``MultiScaleRoIAlign``).
-    On CPU its gradient is computed by ``_roi_align_input_grad`` (same values,
-    much faster than torchvision's serial loop).
+    On CPU its gradient is computed by ``a5.kernels.roi_align``'s sparse backward (same
+    values, much faster than torchvision's serial loop).
 
     Args:
         feats_per_fpn_level: ``(B, C, H, W)`` features keyed ``"p3", "p4", "p5"``.
@@ -702,7 +612,7 @@ def multiscale_roi_align(
         idx = torch.nonzero(levels == level_id).squeeze(1)
         if idx.numel() == 0:
             continue
-        level_pooled = _roi_align(
+        level_pooled = roi_align(
             at_least_float32(feats_per_fpn_level[level_name]),
             rois[idx].to(pooled),
             output_size,
@@ -717,18 +627,79 @@ def multiscale_roi_align(
     return pooled
 
 
-def _clip_boxes(boxes: torch.Tensor, image_size: Tuple[int, int]) -> torch.Tensor:
-    """Clip ``(..., 4)`` XYXY boxes to an image of ``(height, width)``."""
-    height, width = image_size
-    return torch.stack(
-        [
-            boxes[..., 0].clamp(0, width),
-            boxes[..., 1].clamp(0, height),
-            boxes[..., 2].clamp(0, width),
-            boxes[..., 3].clamp(0, height),
-        ],
-        dim=-1,
-    )
+def rpn_losses(
+    obj_logits: torch.Tensor,
+    box_deltas: torch.Tensor,
+    fg_idx: torch.Tensor,
+    bg_idx: torch.Tensor,
+    fg_gt_deltas: torch.Tensor,
+    batch_size_per_image: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    The two RPN losses, on the sampled anchors only (``sample_rpn_training`` picked
+    them):
+
+    * objectness: binary cross-entropy (with logits) of the sampled foreground anchors
+      (target 1) and background anchors (target 0);
+    * box regression: L1 loss between the predicted deltas of the sampled foreground
+      anchors and their GT deltas (background anchors have no box).
+
+    Both are sums divided by ``batch_size_per_image * B``: the nominal number of
+    samples (as the course and detectron2 do), so that an image with few anchors does
+    not weigh more.
+
+    Args:
+        obj_logits: ``(B, A)`` objectness logits of all anchors of all levels.
+        box_deltas: ``(B, A, 4)`` predicted deltas.
+        fg_idx, bg_idx: int64 indices of the sampled foreground / background anchors
+            in the flattened ``(B * A)`` anchors (``obj_logits.reshape(-1)[fg_idx]``).
+        fg_gt_deltas: ``(len(fg_idx), 4)`` GT deltas of the foreground anchors.
+        batch_size_per_image: Anchors sampled per image.
+
+    Returns:
+        ``(loss_obj, loss_box)``, two scalars.
+    """
+    num_images = obj_logits.shape[0]
+    # BEGIN SOLUTION (rpn_loss): BCE-with-logits (sum) of the sampled logits against 1 (fg) / 0 (bg), L1 (sum) of the fg predicted deltas against fg_gt_deltas, both divided by batch_size_per_image * B.
+    sampled_logits = obj_logits.reshape(-1)[torch.cat([fg_idx, bg_idx])]
+    targets = torch.cat([torch.ones_like(fg_idx), torch.zeros_like(bg_idx)]).to(sampled_logits)
+    loss_obj = F.binary_cross_entropy_with_logits(sampled_logits, targets, reduction="sum")
+    fg_pred_deltas = box_deltas.reshape(-1, 4)[fg_idx]
+    loss_box = F.l1_loss(fg_pred_deltas, fg_gt_deltas, reduction="sum")
+    total_samples = batch_size_per_image * num_images
+    loss_obj, loss_box = loss_obj / total_samples, loss_box / total_samples
+    # END SOLUTION
+    return loss_obj, loss_box
+
+
+def rpn_select_top_anchors(
+    obj_logits: torch.Tensor,
+    box_deltas: torch.Tensor,
+    anchors: torch.Tensor,
+    topk: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """
+    Proposals, step 1, on one FPN level: keep the ``k = min(topk, A)`` anchors of highest
+    objectness of every image (a cheap pre-filter before decoding and NMS, which are
+    costly), with their predicted deltas.
+
+    Args:
+        obj_logits: ``(B, A)`` objectness logits of the level's anchors.
+        box_deltas: ``(B, A, 4)`` their predicted deltas.
+        anchors: ``(A, 4)`` the level's anchors (the same for every image).
+        topk: Anchors kept per image.
+
+    Returns:
+        ``(scores, deltas, anchors)``: ``(B, k)`` logits by decreasing value, and the
+        ``(B, k, 4)`` deltas and anchors of the same anchors.
+    """
+    # BEGIN SOLUTION (rpn_proposals): topk of the logits per image (dim 1), then gather the deltas and index the anchors with the same indices.
+    k = min(topk, obj_logits.shape[1])
+    scores, top_idx = obj_logits.topk(k, dim=1)  # (B, k)
+    deltas = torch.gather(box_deltas, 1, top_idx[..., None].expand(-1, -1, 4))
+    top_anchors = anchors[top_idx]
+    # END SOLUTION
+    return scores, deltas, top_anchors
 
 
 class RPN(nn.Module):
@@ -832,34 +803,23 @@ class RPN(nn.Module):
         if gt_boxes is None:
             raise ValueError("RPN needs `gt_boxes` in training mode")
 
-        # BEGIN SOLUTION (rpn): match all anchors of all images to the GT (batched), sample batch_size_per_image anchors per image, and compute the objectness BCE on the sampled anchors and the L1 box loss on the sampled foreground anchors, both divided by batch_size_per_image * B.
-        anchor_boxes = self._cat_across_fpn_levels(anchors_per_fpn_level, dim=0)  # (A_total, 4)
-        obj_logits = self._cat_across_fpn_levels(pred_obj_logits, dim=1)  # (B, A_total)
-        box_deltas = self._cat_across_fpn_levels(pred_boxreg_deltas, dim=1)  # (B, A_total, 4)
+        anchor_boxes = _cat_across_fpn_levels(anchors_per_fpn_level, dim=0)  # (A_total, 4)
+        obj_logits = _cat_across_fpn_levels(pred_obj_logits, dim=1)  # (B, A_total)
+        box_deltas = _cat_across_fpn_levels(pred_boxreg_deltas, dim=1)  # (B, A_total, 4)
         num_anchors = anchor_boxes.shape[0]
-
-        # One batched call for all images: (B, A_total, 5).
+        # Match all anchors of all images at once (B, A_total, 5), then sample
+        # batch_size_per_image of them per image; indices point into the flattened
+        # (B * A_total) anchors.
         matched_gt_boxes = rcnn_match_anchors_to_gt(anchor_boxes, gt_boxes.to(anchor_boxes), self.anchor_iou_thresholds)
         fg_idx, bg_idx = sample_rpn_training(matched_gt_boxes, self.batch_size_per_image, self.fg_fraction)
-
-        # Objectness: foreground anchors should score 1, background ones 0.
-        sampled_idx = torch.cat([fg_idx, bg_idx])
-        sampled_logits = obj_logits.reshape(-1)[sampled_idx]
-        obj_targets = torch.cat([torch.ones_like(fg_idx), torch.zeros_like(bg_idx)]).to(sampled_logits)
-        loss_obj = F.binary_cross_entropy_with_logits(sampled_logits, obj_targets, reduction="sum")
-
-        # Box regression: only foreground anchors have a box to regress to.
-        fg_anchors = anchor_boxes[fg_idx % num_anchors]
-        fg_targets = rcnn_get_deltas_from_anchors(fg_anchors, matched_gt_boxes.reshape(-1, 5)[fg_idx])
-        fg_preds = box_deltas.reshape(-1, 4)[fg_idx]
-        loss_box = F.l1_loss(fg_preds, fg_targets, reduction="sum")
-
-        # Normalise by the nominal number of samples (as the course and detectron2
-        # do), so an image with few anchors does not weigh more.
-        total_batch_size = self.batch_size_per_image * num_images
-        output_dict["loss_rpn_obj"] = loss_obj / total_batch_size
-        output_dict["loss_rpn_box"] = loss_box / total_batch_size
-        # END SOLUTION
+        fg_gt_deltas = rcnn_get_deltas_from_anchors(
+            anchor_boxes[fg_idx % num_anchors], matched_gt_boxes.reshape(-1, 5)[fg_idx]
+        )
+        loss_obj, loss_box = rpn_losses(
+            obj_logits, box_deltas, fg_idx, bg_idx, fg_gt_deltas, self.batch_size_per_image
+        )
+        output_dict["loss_rpn_obj"] = loss_obj
+        output_dict["loss_rpn_box"] = loss_box
         return output_dict
 
     @torch.no_grad()
@@ -890,59 +850,57 @@ class RPN(nn.Module):
         """
         if isinstance(image_size, int):
             image_size = (image_size, image_size)
-        # BEGIN SOLUTION (rpn_proposals): per level take the pre_nms_topk anchors of every image, decode and clip them, drop tiny boxes, run NMS within each image (one batched call), and keep the post_nms_topk best proposals of every image.
         boxes_per_level, scores_per_level = [], []
         for level_name, level_anchors in anchors_per_fpn_level.items():
-            logits = pred_obj_logits[level_name]  # (B, A_l)
-            deltas = pred_boxreg_deltas[level_name]  # (B, A_l, 4)
-            k = min(self.pre_nms_topk, logits.shape[1])
-            top_logits, top_idx = logits.topk(k, dim=1)  # (B, k)
-            top_deltas = torch.gather(deltas, 1, top_idx[..., None].expand(-1, -1, 4))
-            boxes = rcnn_apply_deltas_to_anchors(top_deltas, level_anchors[top_idx])
-            boxes_per_level.append(_clip_boxes(boxes, image_size))
-            scores_per_level.append(top_logits)
+            scores, deltas, anchors = rpn_select_top_anchors(
+                pred_obj_logits[level_name], pred_boxreg_deltas[level_name], level_anchors, self.pre_nms_topk
+            )
+            boxes = rcnn_apply_deltas_to_anchors(deltas, anchors)
+            boxes_per_level.append(clip_boxes(boxes, image_size))
+            scores_per_level.append(scores)
         boxes = torch.cat(boxes_per_level, dim=1)  # (B, K, 4)
         scores = torch.cat(scores_per_level, dim=1)  # (B, K); logits rank like probabilities
         # Degenerate boxes (e.g. squashed by clipping) are useless RoIs.
         widths, heights = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
         valid = (widths > self.min_proposal_size) & (heights > self.min_proposal_size)
-
-        num_images, num_candidates = scores.shape
-        # Only the best `post_nms_topk` survivors are needed, and greedy NMS decides
-        # each box from higher-scored boxes only: NMS on the top-M boxes of an image
-        # gives the first survivors of NMS on all of them. So run NMS on a short
-        # prefix of every image first and grow it only for the images where too few
-        # boxes survive (same result, a fraction of the cost). One NMS call handles
-        # all pending images (an image is a group of class_spec_nms).
-        ranked = torch.argsort(scores.masked_fill(~valid, -math.inf), dim=1, descending=True, stable=True)
-        num_valid = valid.sum(dim=1)
-        proposals: List[torch.Tensor] = [boxes.new_zeros((0, 4))] * num_images
-        pending = torch.arange(num_images, device=boxes.device)
-        prefix = 4 * self.post_nms_topk
-        while pending.numel() > 0:
-            width = min(prefix, num_candidates)
-            candidates = ranked[pending, :width]  # (P, width)
-            in_prefix = torch.arange(width, device=boxes.device) < num_valid[pending, None]
-            image_idx = pending[:, None].expand_as(candidates)[in_prefix]
-            candidates = candidates[in_prefix]
-            keep = class_spec_nms(
-                boxes[image_idx, candidates], scores[image_idx, candidates], image_idx, self.nms_thresh
-            )
-            kept = split_kept_per_image(keep, image_idx, num_images, self.post_nms_topk)
-            num_kept = torch.tensor([len(k) for k in kept], device=boxes.device)[pending]
-            # Done: enough survivors, or the prefix already held every valid box.
-            done = (num_kept >= self.post_nms_topk) | (num_valid[pending] <= width)
-            for image in pending[done].tolist():
-                proposals[image] = boxes[image, candidates[kept[image]]]
-            pending = pending[~done]
-            prefix *= 4
-        # END SOLUTION
+        # NMS within each image, all images in one call (a5.kernels).
+        proposals = nms_topk_per_image(boxes, scores, valid, self.nms_thresh, self.post_nms_topk)
         return proposals
 
-    @staticmethod
-    def _cat_across_fpn_levels(dict_with_fpn_levels: TensorDict, dim: int = 1) -> torch.Tensor:
-        """Concatenate the tensors of a dict of FPN levels along ``dim`` (level order of the dict)."""
-        return torch.cat(list(dict_with_fpn_levels.values()), dim=dim)
+
+def roi_losses(
+    cls_logits: torch.Tensor,
+    box_deltas: torch.Tensor,
+    gt_classes: torch.Tensor,
+    gt_deltas: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """
+    The two losses of the second stage, on ``S`` sampled RoIs:
+
+    * classification: cross-entropy over ``C + 1`` logits, where logit 0 is background
+      and GT class ``c`` (0-based) is logit ``c + 1``;
+    * box regression (class-specific, as in the paper): for every **foreground** RoI,
+      the L1 loss between the 4 deltas predicted *for its GT class* and its GT deltas.
+
+    Both are sums divided by ``S`` (at least 1).
+
+    Args:
+        cls_logits: ``(S, C + 1)`` class logits.
+        box_deltas: ``(S, C, 4)`` predicted deltas, one set per class.
+        gt_classes: ``(S,)`` int64 GT class of each RoI, ``-1`` for background.
+        gt_deltas: ``(S, 4)`` GT deltas (rows of background RoIs are ``-1e8``: unused).
+
+    Returns:
+        ``(loss_cls, loss_box)``, two scalars.
+    """
+    num_rois = max(cls_logits.shape[0], 1)
+    # BEGIN SOLUTION (roi_losses): Cross-entropy (sum) with targets gt_classes + 1; for foreground RoIs pick box_deltas[row, class] and take the L1 (sum) against gt_deltas; divide both by max(S, 1).
+    loss_cls = F.cross_entropy(cls_logits, gt_classes + 1, reduction="sum") / num_rois
+    fg_rows = torch.nonzero(gt_classes >= 0).squeeze(1)
+    fg_pred_deltas = box_deltas[fg_rows, gt_classes[fg_rows]]  # (F, 4)
+    loss_box = F.l1_loss(fg_pred_deltas, gt_deltas[fg_rows], reduction="sum") / num_rois
+    # END SOLUTION
+    return loss_cls, loss_box
 
 
 ##############################################################################
@@ -1011,7 +969,7 @@ class FasterRCNN(nn.Module):
         stem_channels = _as_channel_list(stem_channels)
         in_channels = backbone.out_channels
 
-        # BEGIN SOLUTION (faster_rcnn): build `self.roi_stem` (3x3 conv + ReLU per entry of stem_channels, then Flatten), `self.cls_pred` (Linear to num_classes + 1) and `self.box_pred` (Linear to num_classes * 4).
+        # BEGIN SOLUTION (roi_head): Build self.roi_stem (3x3 conv + ReLU per entry of stem_channels, then Flatten), self.cls_pred (Linear to num_classes + 1) and self.box_pred (Linear to num_classes * 4); He-init the stem convs.
         roi_stem = []
         prev_channels = in_channels
         for out_channels in stem_channels:
@@ -1067,7 +1025,7 @@ class FasterRCNN(nn.Module):
             if num_images != 1:
                 raise ValueError(f"forward() in eval mode takes one image, got {num_images}: use predict()")
             proposals = self.rpn(feats_per_fpn_level, strides, image_size=image_size)["proposals"]
-            detections = self._inference(
+            detections = self.postprocess(
                 feats_per_fpn_level,
                 proposals,
                 image_size,
@@ -1082,67 +1040,77 @@ class FasterRCNN(nn.Module):
         proposals_per_image = output_dict.pop("proposals")
         losses = {name: value for name, value in output_dict.items()}
 
-        # BEGIN SOLUTION (faster_rcnn): add the GT boxes to the proposals, match them to the GT (IoU roi_iou_threshold, batched), sample batch_size_per_image RoIs per image (fg_fraction foreground), pool their features with multiscale_roi_align and compute loss_cls (cross-entropy over C+1 classes) and loss_box (L1 of the class-specific deltas of foreground RoIs), both divided by the number of sampled RoIs.
+        # Anchors, RoIs and their targets in float32 even under autocast.
         p3 = feats_per_fpn_level["p3"]
         gt_boxes = gt_boxes.to(device=p3.device, dtype=float32_or_wider(p3.dtype))
-        # Proposals (padded to the longest image) followed by the GT boxes: (B, P, 4),
-        # image-major, with `valid` telling real entries from padding.
-        num_proposals = torch.tensor([len(p) for p in proposals_per_image], device=gt_boxes.device)
-        padded = nn.utils.rnn.pad_sequence(proposals_per_image, batch_first=True).to(gt_boxes)
-        is_proposal = torch.arange(padded.shape[1], device=gt_boxes.device)[None, :] < num_proposals[:, None]
-        roi_candidates = torch.cat([padded, gt_boxes[..., :4]], dim=1)
-        valid = torch.cat([is_proposal, gt_boxes[..., 4] != -1], dim=1)
-        num_candidates = roi_candidates.shape[1]
-
-        # Match every candidate of every image to its own image's GT, at once. Every
-        # GT box is itself a candidate (IoU 1), so low-quality matches are not needed.
-        matched = rcnn_match_anchors_to_gt(
-            roi_candidates, gt_boxes, (self.roi_iou_threshold, self.roi_iou_threshold),
-            allow_low_quality_matches=False,
+        rois, roi_batch_idx, roi_targets = self.sample_rois(proposals_per_image, gt_boxes)
+        roi_feats = multiscale_roi_align(feats_per_fpn_level, strides, rois, roi_batch_idx, self.roi_size)
+        flat_feats = self.roi_stem(roi_feats)
+        cls_logits = at_least_float32(self.cls_pred(flat_feats))  # (S, C + 1)
+        box_deltas = at_least_float32(self.box_pred(flat_feats)).reshape(-1, self.num_classes, 4)  # (S, C, 4)
+        # -1e8 rows for background RoIs: they have no box to regress to.
+        gt_deltas = rcnn_get_deltas_from_anchors(rois, roi_targets, self.box_reg_weights)  # (S, 4)
+        losses["loss_cls"], losses["loss_box"] = roi_losses(
+            cls_logits, box_deltas, roi_targets[:, 4].long(), gt_deltas
         )
-        # Padding entries become neutral: the sampler never picks them.
+        return losses
+
+    @torch.no_grad()
+    def sample_rois(
+        self, proposals_per_image: List[torch.Tensor], gt_boxes: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        Choose the RoIs that train the second stage, for all images at once:
+
+        1. the candidates of image ``i`` are its proposals followed by its GT boxes
+           (so that the second stage always sees some perfect foreground RoIs); the
+           images have different numbers of proposals, so pad them to a ``(B, P, 4)``
+           tensor and keep a ``(B, P + N)`` mask of the real entries;
+        2. match the candidates to their own image's GT (``rcnn_match_anchors_to_gt``
+           with both thresholds ``roi_iou_threshold``: no neutral band, and no
+           low-quality matches since every GT box is a candidate itself);
+        3. make the padding entries neutral (``-1e8``), so the sampler never picks them;
+        4. sample ``batch_size_per_image`` per image, at most ``fg_fraction`` of them
+           foreground (``sample_rpn_training``).
+
+        Args:
+            proposals_per_image: ``B`` tensors ``(P_i, 4)`` (from the RPN).
+            gt_boxes: ``(B, N, 5)`` GT boxes padded with rows of ``-1``.
+
+        Returns:
+            ``(rois, roi_batch_idx, roi_targets)``: the ``S`` sampled RoIs ``(S, 4)``,
+            their image index ``(S,)`` and their matched GT rows ``(S, 5)`` (``-1`` for
+            background), foreground first.
+        """
+        # BEGIN SOLUTION (roi_sampling): Pad the proposals (pad_sequence), append the GT boxes, build the validity mask, match with (roi_iou_threshold, roi_iou_threshold) and no low-quality matches, make padding neutral, sample, and gather rois / image indices / targets with the sampled indices.
+        num_proposals = torch.tensor([len(p) for p in proposals_per_image], device=gt_boxes.device)
+        padded = nn.utils.rnn.pad_sequence(proposals_per_image, batch_first=True).to(gt_boxes)  # (B, P, 4)
+        is_proposal = torch.arange(padded.shape[1], device=gt_boxes.device)[None, :] < num_proposals[:, None]
+        candidates = torch.cat([padded, gt_boxes[..., :4]], dim=1)  # (B, P + N, 4)
+        valid = torch.cat([is_proposal, gt_boxes[..., 4] != -1], dim=1)
+        threshold = (self.roi_iou_threshold, self.roi_iou_threshold)
+        matched = rcnn_match_anchors_to_gt(candidates, gt_boxes, threshold, allow_low_quality_matches=False)
         matched = torch.where(valid[..., None], matched, torch.full_like(matched, NEUTRAL))
         fg_idx, bg_idx = sample_rpn_training(matched, self.batch_size_per_image, self.fg_fraction)
-
-        # From here on, RoIs, image indices, features, labels and targets are all
-        # indexed by the same `sampled_idx`, so they cannot get out of order.
+        # Indices into the flattened (B * (P + N)) candidates.
         sampled_idx = torch.cat([fg_idx, bg_idx])
-        rois = roi_candidates.reshape(-1, 4)[sampled_idx]
-        roi_batch_idx = sampled_idx // num_candidates
+        rois = candidates.reshape(-1, 4)[sampled_idx]
+        roi_batch_idx = sampled_idx // candidates.shape[1]
         roi_targets = matched.reshape(-1, 5)[sampled_idx]
-        roi_feats = multiscale_roi_align(feats_per_fpn_level, strides, rois, roi_batch_idx, self.roi_size)
-
-        flat_feats = self.roi_stem(roi_feats)
-        cls_logits = at_least_float32(self.cls_pred(flat_feats))  # (K, C + 1)
-        box_deltas = at_least_float32(self.box_pred(flat_feats)).reshape(-1, self.num_classes, 4)  # (K, C, 4)
-
-        # Background (-1) -> logit 0, class c -> logit c + 1.
-        gt_classes = roi_targets[:, 4].long() + 1
-        num_rois = max(sampled_idx.numel(), 1)
-        loss_cls = F.cross_entropy(cls_logits, gt_classes, reduction="sum") / num_rois
-
-        # Class-specific regression: only the deltas of the GT class of foreground RoIs.
-        is_fg = gt_classes > 0
-        fg_rows = torch.nonzero(is_fg).squeeze(1)
-        fg_preds = box_deltas[fg_rows, gt_classes[fg_rows] - 1]
-        fg_targets = rcnn_get_deltas_from_anchors(rois[fg_rows], roi_targets[fg_rows], self.box_reg_weights)
-        loss_box = F.l1_loss(fg_preds, fg_targets, reduction="sum") / num_rois
-
-        losses["loss_cls"] = loss_cls
-        losses["loss_box"] = loss_box
         # END SOLUTION
-        return losses
+        return rois, roi_batch_idx, roi_targets
 
     @torch.no_grad()
     def predict(
         self,
         images: Union[torch.Tensor, TensorDict],
-        score_thresh: float = 0.3,
-        nms_thresh: float = 0.5,
+        score_thresh: Optional[float] = None,
+        nms_thresh: Optional[float] = None,
     ) -> List[Dict[str, torch.Tensor]]:
         """
         Detect objects in a batch of images (or cached c3/c4/c5 features). Runs in
-        eval mode and restores the previous mode afterwards.
+        eval mode and restores the previous mode afterwards. The thresholds default to
+        the constructor's ``test_score_thresh`` and ``test_nms_thresh``.
 
         Returns:
             One dict per image with ``"boxes"`` ``(M, 4)``, ``"labels"`` ``(M,)``
@@ -1156,12 +1124,14 @@ class FasterRCNN(nn.Module):
             image_size = image_size_of(images)
             strides = self.backbone.fpn_strides
             proposals = self.rpn(feats_per_fpn_level, strides, image_size=image_size)["proposals"]
-            return self._inference(feats_per_fpn_level, proposals, image_size, score_thresh, nms_thresh)
+            score_thresh = self.test_score_thresh if score_thresh is None else score_thresh
+            nms_thresh = self.test_nms_thresh if nms_thresh is None else nms_thresh
+            return self.postprocess(feats_per_fpn_level, proposals, image_size, score_thresh, nms_thresh)
         finally:
             self.train(was_training)
 
     @torch.no_grad()
-    def _inference(
+    def postprocess(
         self,
         feats_per_fpn_level: TensorDict,
         proposals_per_image: List[torch.Tensor],
@@ -1180,35 +1150,55 @@ class FasterRCNN(nn.Module):
             One dict per image, as ``predict``.
         """
         num_images = len(proposals_per_image)
-        # BEGIN SOLUTION (faster_rcnn_inference): pool the proposals of all images with multiscale_roi_align, run the RoI head, decode one box per (proposal, class) with box_reg_weights, clip, drop background and low scores, run class-specific NMS per image and keep detections_per_image per image.
-        strides = self.backbone.fpn_strides
         device = feats_per_fpn_level["p3"].device
-        rois = torch.cat(proposals_per_image, dim=0)
+        rois = torch.cat(proposals_per_image, dim=0)  # (R, 4), image by image
         num_proposals = torch.tensor([len(p) for p in proposals_per_image], device=device)
         roi_batch_idx = torch.repeat_interleave(torch.arange(num_images, device=device), num_proposals)
-        roi_feats = multiscale_roi_align(feats_per_fpn_level, strides, rois, roi_batch_idx, self.roi_size)
-
+        roi_feats = multiscale_roi_align(feats_per_fpn_level, self.backbone.fpn_strides, rois, roi_batch_idx, self.roi_size)
         flat_feats = self.roi_stem(roi_feats)
-        probs = F.softmax(at_least_float32(self.cls_pred(flat_feats)), dim=1)[:, 1:]  # (K, C), background dropped
-        deltas = at_least_float32(self.box_pred(flat_feats)).reshape(-1, self.num_classes, 4)
-        boxes = rcnn_apply_deltas_to_anchors(deltas, rois[:, None, :], self.box_reg_weights)  # (K, C, 4)
-        boxes = _clip_boxes(boxes, image_size)
+        cls_logits = at_least_float32(self.cls_pred(flat_feats))  # (R, C + 1)
+        box_deltas = at_least_float32(self.box_pred(flat_feats)).reshape(-1, self.num_classes, 4)  # (R, C, 4)
+        boxes, scores, labels, keep = self.roi_candidates(rois, cls_logits, box_deltas, image_size, score_thresh)
+        image_ids = roi_batch_idx.repeat_interleave(self.num_classes)  # (R * C,)
+        return select_detections(
+            boxes[keep], scores[keep], labels[keep], image_ids[keep], num_images, nms_thresh, self.detections_per_image
+        )
 
-        # Flatten to one candidate per (proposal, class).
-        num_rois = rois.shape[0]
-        labels = torch.arange(self.num_classes, device=device).repeat(num_rois)
-        image_ids = roi_batch_idx.repeat_interleave(self.num_classes)
-        scores, boxes = probs.reshape(-1), boxes.reshape(-1, 4)
+    def roi_candidates(
+        self,
+        rois: torch.Tensor,
+        cls_logits: torch.Tensor,
+        box_deltas: torch.Tensor,
+        image_size: Tuple[int, int],
+        score_thresh: float,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        Second stage at inference: every (RoI, class) pair is a candidate detection,
+        scored by the softmax probability of that class, with the box decoded from that
+        class's deltas (``rcnn_apply_deltas_to_anchors`` with ``box_reg_weights``) and
+        clipped to the image (``clip_boxes``). Background is not a candidate.
+
+        Args:
+            rois: ``(R, 4)`` proposals.
+            cls_logits: ``(R, C + 1)`` class logits (logit 0: background).
+            box_deltas: ``(R, C, 4)`` deltas per class.
+            image_size: ``(height, width)`` for clipping.
+            score_thresh: Keep candidates with a larger score.
+
+        Returns:
+            ``(boxes, scores, labels, keep)`` over the ``R * C`` candidates, entry
+            ``r * C + c`` = (RoI ``r``, class ``c``): boxes ``(R*C, 4)``, scores
+            ``(R*C,)``, 0-based labels ``(R*C,)``, and the bool ``keep`` ``(R*C,)`` that
+            is True for a score above ``score_thresh`` and a box of positive width
+            and height.
+        """
+        # BEGIN SOLUTION (faster_rcnn_inference): Softmax over C + 1 classes and drop column 0; decode every class's box from its RoI with box_reg_weights and clip it; flatten (R, C) to R * C; keep = score > thresh and positive width and height.
+        probs = F.softmax(cls_logits, dim=1)[:, 1:]  # (R, C), background dropped
+        boxes = rcnn_apply_deltas_to_anchors(box_deltas, rois[:, None, :], self.box_reg_weights)  # (R, C, 4)
+        boxes = clip_boxes(boxes, image_size).reshape(-1, 4)
+        scores = probs.reshape(-1)
+        labels = torch.arange(self.num_classes, device=rois.device).repeat(rois.shape[0])
         widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
         keep = (scores > score_thresh) & (widths > 0) & (heights > 0)
-        boxes, scores, labels, image_ids = boxes[keep], scores[keep], labels[keep], image_ids[keep]
-
-        # One class-specific NMS for the whole batch: a group per (image, class).
-        keep = class_spec_nms(boxes, scores, image_ids * self.num_classes + labels, nms_thresh)
-        detections = []
-        for keep_image in split_kept_per_image(keep, image_ids, num_images, self.detections_per_image):
-            detections.append(
-                {"boxes": boxes[keep_image], "labels": labels[keep_image], "scores": scores[keep_image]}
-            )
         # END SOLUTION
-        return detections
+        return boxes, scores, labels, keep

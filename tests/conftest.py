@@ -29,6 +29,9 @@ SUBMISSION = Path(os.environ.get("A5_SUBMISSION", REPO_ROOT)).resolve()
 
 # The graded code goes first on sys.path so that `import fcos` finds the submission.
 sys.path.insert(0, str(SUBMISSION))
+sys.path.insert(1, str(Path(__file__).resolve().parent))  # tests/ helpers (isolation.py)
+
+import isolation  # noqa: E402
 
 # VOC_ROOT and TORCH_HOME defaults (../shared/data, ../shared/weights) are set by the
 # repository's root conftest.py, which pytest loads first.
@@ -40,6 +43,39 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         help="write the per-part grade table to this JSON file",
     )
+    parser.addoption(
+        "--part",
+        action="append",
+        default=[],
+        help="run only the tests of this part (repeatable), e.g. --part nms",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """``--part NAME``: keep only the tests marked ``@pytest.mark.part(NAME)``."""
+    wanted = set(config.getoption("--part"))
+    if not wanted:
+        return
+    selected = [item for item in items if _part_of(item) in wanted]
+    config.hook.pytest_deselected(items=[item for item in items if _part_of(item) not in wanted])
+    items[:] = selected
+
+
+@pytest.fixture(autouse=True)
+def _other_parts_from_the_reference(request, monkeypatch):
+    """Grade every part on its own.
+
+    When a submission is graded from the instructor's repository (``A5_SUBMISSION`` set,
+    the reference solution beside these tests), every student part other than the one
+    a test grades is replaced, for that test, by the reference implementation. A test
+    of the loss then fails only for mistakes in the loss, not in the matcher it calls.
+    In a student's own copy there is no reference: the tests run on the student's code
+    as it is (a later part's tests then also need the earlier parts).
+    """
+    reference = isolation.reference_modules(REPO_ROOT, SUBMISSION)
+    if reference is None:
+        return
+    isolation.patch_other_parts(monkeypatch, reference, keep_part=_part_of(request.node))
 
 
 # --------------------------------------------------------------------------------------

@@ -865,7 +865,7 @@ def test_inference_on_crafted_predictions():
     torch.manual_seed(0)
     model = tiny_fcos().eval()
     preds = _crafted_predictions()
-    dets = model.inference(*preds, image_size=(64, 64), score_thresh=0.3, nms_thresh=0.5)
+    dets = model.postprocess(*preds, image_size=(64, 64), score_thresh=0.3, nms_thresh=0.5)
     assert len(dets) == 2
     expected_boxes = torch.tensor(
         [[0.0, 0.0, 64.0, 64.0], [20.0, 12.0, 36.0, 28.0], [28.0, 12.0, 44.0, 28.0], [28.0, 12.0, 44.0, 28.0]]
@@ -879,17 +879,17 @@ def test_inference_on_crafted_predictions():
     assert torch.allclose(dets[1]["scores"], torch.tensor([_score(5, 2)]))
 
     # Stricter NMS: the class-1 box with IoU 1/3 goes, the class-2 box stays.
-    dets = model.inference(*preds, image_size=(64, 64), score_thresh=0.3, nms_thresh=0.3)
+    dets = model.postprocess(*preds, image_size=(64, 64), score_thresh=0.3, nms_thresh=0.3)
     assert torch.equal(dets[0]["labels"], torch.tensor([0, 1, 2]))
     # Score threshold above the class-2 box's score (0.605).
-    dets = model.inference(*preds, image_size=(64, 64), score_thresh=0.62, nms_thresh=0.5)
+    dets = model.postprocess(*preds, image_size=(64, 64), score_thresh=0.62, nms_thresh=0.5)
     assert torch.equal(dets[0]["labels"], torch.tensor([0, 1, 1])) and torch.equal(dets[1]["labels"], torch.tensor([2]))
     # Cap per image, and top-1 candidate per level.
     model.detections_per_image = 2
-    dets = model.inference(*preds, image_size=(64, 64), score_thresh=0.3, nms_thresh=0.5)
+    dets = model.postprocess(*preds, image_size=(64, 64), score_thresh=0.3, nms_thresh=0.5)
     assert torch.equal(dets[0]["labels"], torch.tensor([0, 1])) and len(dets[1]["labels"]) == 1
     model.detections_per_image, model.topk_candidates = 100, 1
-    dets = model.inference(*preds, image_size=(64, 64), score_thresh=0.3, nms_thresh=0.5)
+    dets = model.postprocess(*preds, image_size=(64, 64), score_thresh=0.3, nms_thresh=0.5)
     assert torch.equal(dets[0]["labels"], torch.tensor([0, 1]))
 
 
@@ -898,10 +898,10 @@ def test_inference_batch_equals_single_images():
     torch.manual_seed(0)
     model = tiny_fcos().eval()
     locations, *outputs = _crafted_predictions()
-    batched = model.inference(locations, *outputs, image_size=(64, 64), score_thresh=0.3, nms_thresh=0.5)
+    batched = model.postprocess(locations, *outputs, image_size=(64, 64), score_thresh=0.3, nms_thresh=0.5)
     for b in range(2):
         single_outputs = [{k: v[b : b + 1] for k, v in d.items()} for d in outputs]
-        single = model.inference(locations, *single_outputs, image_size=(64, 64), score_thresh=0.3, nms_thresh=0.5)
+        single = model.postprocess(locations, *single_outputs, image_size=(64, 64), score_thresh=0.3, nms_thresh=0.5)
         assert len(single) == 1
         assert all(torch.equal(single[0][k], batched[b][k]) for k in ("boxes", "labels", "scores"))
 

@@ -11,15 +11,23 @@ Every region of the reference code wrapped as::
         ...reference code...
         # END SOLUTION
 
-becomes, at the same indentation::
+becomes, at the same indentation, the TODO text wrapped at 100 columns and a raise::
 
-        # TODO (part_name): what the student implements.
-        raise NotImplementedError("part_name: what the student implements.")
+        # TODO (part_name): what the student implements, wrapped over as many
+        # comment lines as it needs.
+        raise NotImplementedError("part_name: not written yet (see the TODO above)")
 
-Docstrings, signatures and provided code are kept. The notebooks are copied with their
-outputs cleared, and the tests, README, requirements and CI files are copied unchanged so
-the student can run the same checks locally (``pytest tests``) and the instructor can
-grade the folder with ``python tools/grade.py OUT_DIR``.
+Docstrings, signatures and provided code are kept. The release holds what a student
+needs and nothing an instructor keeps to themselves:
+
+* the modules (student regions replaced), the provided ``a5/`` package and ``compat/``;
+* the notebooks, with outputs, execution counts and execution timestamps removed;
+* the public tests (``tests/``, without ``tests/instructor/``);
+* ``docs/STUDENT_README.md`` as its ``README.md``, a student ``pytest.ini`` (unit tests
+  only; the notebooks run with ``--nbval-lax`` on demand), requirements, conftest.
+
+Never copied: ``grading/`` (hidden tests, points, mutations), ``tools/``, ``benchmarks/``,
+``.ci/``, ``tests/instructor/``, the instructor README.
 """
 from __future__ import annotations
 
@@ -28,6 +36,7 @@ import json
 import re
 import shutil
 import sys
+import textwrap
 from pathlib import Path
 from typing import List, Tuple
 
@@ -37,8 +46,25 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 MODULES = ("fcos.py", "two_stage_detector.py", "a5_helper.py")
 NOTEBOOKS = ("fcos.ipynb", "faster_rcnn.ipynb")
 # Copied as they are.
-VERBATIM = ("README.md", "requirements.txt", "pytest.ini", "conftest.py", ".gitignore")
-VERBATIM_DIRS = ("tests", "tools", ".ci")
+VERBATIM = ("requirements.txt", "conftest.py", ".gitignore")
+# Folders copied as they are (packages of provided code, the public tests).
+VERBATIM_DIRS = ("a5", "compat", "tests")
+# Instructor-only material inside the copied folders.
+EXCLUDED = ("instructor",)
+STUDENT_README = Path("docs") / "STUDENT_README.md"
+# The release's pytest.ini: the unit tests only; the notebooks are run on demand.
+STUDENT_PYTEST_INI = """[pytest]
+# `pytest` runs the unit tests (a table per part at the end). Run a notebook's checks with
+# `pytest --nbval-lax fcos.ipynb` once its parts are written.
+testpaths = tests
+addopts = -p no:cacheprovider
+markers =
+    part(name): the part of the assignment that this test grades ("provided" for given code)
+    slow: a test that takes more than a few seconds
+filterwarnings =
+    ignore::DeprecationWarning:jupyter_client.*
+"""
+TODO_WIDTH = 100
 
 BEGIN = re.compile(r"^(?P<indent>[ \t]*)# BEGIN SOLUTION \((?P<part>[\w.-]+)\):\s*(?P<what>.*?)\s*$")
 END = re.compile(r"^[ \t]*# END SOLUTION\s*$")
@@ -67,9 +93,8 @@ def strip_solutions(source: str, filename: str = "<source>") -> Tuple[str, List[
                 raise MarkerError(f"{filename}:{lineno}: BEGIN SOLUTION inside the region opened at line {open_line}")
             open_line = lineno
             indent, part, what = begin["indent"], begin["part"], begin["what"]
-            message = f"{part}: {what}".replace("\\", "\\\\").replace('"', '\\"')
-            out.append(f"{indent}# TODO ({part}): {what}\n")
-            out.append(f'{indent}raise NotImplementedError("{message}")\n')
+            out += todo_lines(indent, part, what)
+            out.append(f'{indent}raise NotImplementedError("{part}: not written yet (see the TODO above)")\n')
             parts.append(part)
         elif end:
             if open_line is None:
@@ -82,13 +107,33 @@ def strip_solutions(source: str, filename: str = "<source>") -> Tuple[str, List[
     return "".join(out), parts
 
 
+def todo_lines(indent: str, part: str, what: str) -> List[str]:
+    """The TODO comment of a region, wrapped so that no line is longer than 100 columns."""
+    lines = textwrap.wrap(
+        f"TODO ({part}): {what}",
+        width=TODO_WIDTH,
+        initial_indent=f"{indent}# ",
+        subsequent_indent=f"{indent}#   ",
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
+    return [line + "\n" for line in lines]
+
+
+# Cell metadata written by the instructor's runs (timestamps, collapsed/scrolled state).
+_RUN_METADATA = ("execution", "collapsed", "scrolled", "ExecuteTime")
+
+
 def clear_notebook(text: str) -> str:
-    """Return the notebook JSON with outputs and execution counts removed."""
+    """Return the notebook JSON without outputs, execution counts or run metadata."""
     notebook = json.loads(text)
     for cell in notebook.get("cells", []):
+        for key in _RUN_METADATA:
+            cell.get("metadata", {}).pop(key, None)
         if cell.get("cell_type") == "code":
             cell["outputs"] = []
             cell["execution_count"] = None
+    notebook.get("metadata", {}).pop("widgets", None)
     return json.dumps(notebook, indent=1, ensure_ascii=False) + "\n"
 
 
@@ -117,10 +162,12 @@ def make_release(out_dir: Path, force: bool = False) -> List[str]:
     for name in VERBATIM:
         if (REPO_ROOT / name).exists():
             shutil.copy2(REPO_ROOT / name, out_dir / name)
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", *EXCLUDED)
     for name in VERBATIM_DIRS:
         if (REPO_ROOT / name).exists():
             shutil.copytree(REPO_ROOT / name, out_dir / name, ignore=ignore)
+    shutil.copy2(REPO_ROOT / STUDENT_README, out_dir / "README.md")
+    (out_dir / "pytest.ini").write_text(STUDENT_PYTEST_INI)
     return replaced
 
 

@@ -1,0 +1,1 @@
+"""Instructor-only grading material: hidden tests, points, mutations. Never released."""
