@@ -1774,9 +1774,25 @@ def evaluate_detector(
     return result
 
 
+def _as_batches(items: Iterable) -> Iterator[Tuple[List[None], Tuple[List[str], Any, torch.Tensor]]]:
+    """`(indices, (image_paths, images, gt_boxes))` batches from any iterable of batches
+    `(paths, (B, 3, H, W) images, (B, N, 5) gt)` or of single items `(path, (3, H, W)
+    image, (N, 5) gt)` (a dataset, a list, a generator); indices are unknown (None)."""
+    for item in items:
+        paths, images, gt_boxes = item
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        if torch.is_tensor(images) and images.dim() == 3:
+            images = images[None]
+        gt_boxes = torch.as_tensor(gt_boxes)
+        if gt_boxes.dim() == 2:
+            gt_boxes = gt_boxes[None]
+        yield [None] * len(paths), (list(paths), images, gt_boxes)
+
+
 def inference_with_detector(
     detector: nn.Module,
-    test_loader: DataLoader,
+    test_loader: Iterable,
     idx_to_class: Dict[int, str],
     score_thresh: Optional[float] = None,
     nms_thresh: Optional[float] = None,
@@ -1794,6 +1810,11 @@ def inference_with_detector(
     dataset can map them back, else in network-input pixels.
     Without `output_dir`, each image is shown (or saved, when headless) with its
     ground truth and detections via `detection_visualizer`.
+
+    `test_loader` is a DataLoader (its dataset is read with the evaluation transform
+    and boxes can be mapped back to original pixels), or any other iterable of
+    `(image_paths, images, gt_boxes)` batches or of single `(path, image, gt_boxes)`
+    items: a list, a generator, a dataset (used as is, boxes in network-input pixels).
     """
     device = resolve_device(device)
     score_thresh = 0.3 if score_thresh is None else score_thresh
@@ -1801,21 +1822,32 @@ def inference_with_detector(
     detector.to(dtype=dtype, device=device)
     detector.eval()
     start_t = time.time()
-    dataset = _eval_view(test_loader.dataset)
-    base, base_indices = _unwrap_subset(dataset)
-    can_map = hasattr(base, "boxes_to_original") and hasattr(base, "get_annotation")
+    if isinstance(test_loader, Dataset) and not isinstance(test_loader, torch.utils.data.IterableDataset):
+        test_loader = DataLoader(test_loader, batch_size=1)
+    use_dataset = isinstance(test_loader, DataLoader) and not isinstance(
+        test_loader.dataset, torch.utils.data.IterableDataset
+    )
+    if use_dataset:
+        dataset = _eval_view(test_loader.dataset)
+        base, base_indices = _unwrap_subset(dataset)
+        can_map = hasattr(base, "boxes_to_original") and hasattr(base, "get_annotation")
+    else:
+        can_map = False
     if output_dir is not None:
         det_dir, gt_dir = Path(output_dir) / "detection-results", Path(output_dir) / "ground-truth"
         for d in (det_dir, gt_dir):
             if d.exists():
                 shutil.rmtree(d)
             d.mkdir(parents=True)
-    loader = _indexed_loader(dataset, test_loader.batch_size or 1, test_loader.num_workers, test_loader.collate_fn)
+    if use_dataset:
+        loader = _indexed_loader(dataset, test_loader.batch_size or 1, test_loader.num_workers, test_loader.collate_fn)
+    else:
+        loader = _as_batches(test_loader)
     for indices, (image_paths, images, gt_boxes) in loader:
-        images = images.to(dtype=dtype, device=device)
+        images = move_to_device(images, device, dtype)
         outputs = predict_batch(detector, images, score_thresh, nms_thresh)
         for k, index in enumerate(indices):
-            b_index = base_indices[index]
+            b_index = base_indices[index] if can_map else None
             out = outputs[k]
             valid = out["labels"] >= 0
             boxes = out["boxes"][valid].detach().float().cpu()

@@ -333,10 +333,10 @@ class DetectorBackboneWithFPN(nn.Module):
             self.__dict__["_folded_backbone_cache"] = cached
         return cached[1]
 
-    def forward(self, x: ImagesOrFeatures) -> TensorDict:
+    def forward(self, images: ImagesOrFeatures) -> TensorDict:
         """
         Args:
-            x: Images ``(B, 3, H, W)``, or a dict of backbone features with
+            images: Images ``(B, 3, H, W)``, or a dict of backbone features with
                 keys "c3", "c4", "c5" (then the CNN is skipped, e.g. when
                 training a frozen-backbone model from a feature cache).
 
@@ -345,12 +345,12 @@ class DetectorBackboneWithFPN(nn.Module):
             ``(B, out_channels, H_i, W_i)`` where ``(H_i, W_i)`` is the size of
             ``c_i``.
         """
-        if isinstance(x, dict):
+        if isinstance(images, dict):
             # Cached features: same memory layout as freshly computed ones, so
             # that both give the same numbers.
-            backbone_feats = {name: to_fast_layout(feat) for name, feat in x.items()}
+            backbone_feats = {name: to_fast_layout(feat) for name, feat in images.items()}
         else:
-            backbone_feats = self.extract_features(x)
+            backbone_feats = self.extract_features(images)
 
         fpn_feats: TensorDict = {}
         # BEGIN SOLUTION (fpn): Compute p3/p4/p5 from c3/c4/c5 with lateral 1x1 convs, top-down nearest upsampling to the exact size of the finer lateral output (add), then 3x3 output convs.
@@ -870,6 +870,12 @@ def generalized_box_iou_loss(
     return _reduce(1 - giou, reduction)
 
 
+def binary_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Entropy ``-(p log p + (1 - p) log(1 - p))`` of Bernoulli targets (``0 log 0 = 0``):
+    the smallest binary cross-entropy any prediction can reach on soft targets ``p``."""
+    return -(torch.special.xlogy(probs, probs) + torch.special.xlogy(1 - probs, 1 - probs))
+
+
 def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "none":
         return loss
@@ -1095,6 +1101,30 @@ def fcos_level_candidates(
 ###############################################################################
 
 
+def _make_backbone(
+    backbone: Union[str, nn.Module, Callable[[int], nn.Module]],
+    fpn_channels: int,
+    pretrained: bool,
+    freeze_backbone: bool,
+) -> nn.Module:
+    """The backbone + FPN of a detector: built from a ``BACKBONE_SPECS`` key, or
+    injected (an ``nn.Module`` instance, or a callable ``backbone(fpn_channels)``)."""
+    if isinstance(backbone, str):
+        return DetectorBackboneWithFPN(
+            fpn_channels, backbone=backbone, pretrained=pretrained, freeze_backbone=freeze_backbone
+        )
+    module = backbone if isinstance(backbone, nn.Module) else backbone(fpn_channels)
+    if not isinstance(module, nn.Module):
+        raise TypeError(
+            f"backbone must be a name of {sorted(BACKBONE_SPECS)}, an nn.Module or a callable "
+            f"returning one (e.g. a class taking out_channels), got {type(module).__name__}."
+        )
+    out_channels = getattr(module, "out_channels", fpn_channels)
+    if out_channels != fpn_channels:
+        raise ValueError(f"The injected backbone has out_channels={out_channels}, expected fpn_channels={fpn_channels}.")
+    return module
+
+
 class FCOS(nn.Module):
     """
     FCOS: fully-convolutional one-stage object detector.
@@ -1122,7 +1152,7 @@ class FCOS(nn.Module):
         num_classes: int,
         fpn_channels: int,
         stem_channels: List[int],
-        backbone: str = "regnet_x_400mf",
+        backbone: Union[str, nn.Module, Callable[[int], nn.Module]] = "regnet_x_400mf",
         pretrained: bool = True,
         freeze_backbone: bool = False,
         *,
@@ -1141,8 +1171,15 @@ class FCOS(nn.Module):
             num_classes: Number of object classes.
             fpn_channels: Channels of the FPN features (and head input).
             stem_channels: Channels of the head's stem convs.
-            backbone, pretrained, freeze_backbone: See
-                ``DetectorBackboneWithFPN``.
+            backbone: A key of ``BACKBONE_SPECS`` (then ``pretrained`` and
+                ``freeze_backbone`` are passed to ``DetectorBackboneWithFPN``),
+                or a backbone to inject: an ``nn.Module`` instance, or a class /
+                callable called as ``backbone(fpn_channels)`` (the course's
+                ``DetectorBackboneWithFPN(out_channels)``). An injected backbone
+                maps images to a dict of p3/p4/p5 features with ``fpn_channels``
+                channels and has ``fpn_strides``; ``pretrained`` and
+                ``freeze_backbone`` do not apply to it.
+            pretrained, freeze_backbone: See ``DetectorBackboneWithFPN``.
             center_sampling_radius: For ``fcos_match_locations_to_gt``
                 (``None`` = plain inside-box rule).
             box_loss: "giou" (default, FCOS v2) or "l1" (course: L1 on
@@ -1166,9 +1203,7 @@ class FCOS(nn.Module):
         if box_loss not in ("giou", "l1"):
             raise ValueError(f"box_loss must be 'giou' or 'l1', got '{box_loss}'.")
         self.num_classes = num_classes
-        self.backbone = DetectorBackboneWithFPN(
-            fpn_channels, backbone=backbone, pretrained=pretrained, freeze_backbone=freeze_backbone
-        )
+        self.backbone = _make_backbone(backbone, fpn_channels, pretrained, freeze_backbone)
         self.pred_net = FCOSPredictionNetwork(num_classes, fpn_channels, stem_channels)
         self.center_sampling_radius = center_sampling_radius
         self.box_loss = box_loss
@@ -1237,22 +1272,15 @@ class FCOS(nn.Module):
         ) = self._run_network(images)
 
         if not self.training:
-            detections = self.postprocess(
+            return self.inference(
+                images,
                 locations_per_fpn_level,
                 pred_cls_logits,
                 pred_boxreg_deltas,
                 pred_ctr_logits,
-                image_size=image_size_of(images),
-                score_thresh=0.3 if test_score_thresh is None else test_score_thresh,
-                nms_thresh=0.5 if test_nms_thresh is None else test_nms_thresh,
+                test_score_thresh=test_score_thresh,
+                test_nms_thresh=test_nms_thresh,
             )
-            if len(detections) != 1:
-                raise ValueError(
-                    "FCOS.forward in eval mode handles a single image (course API); "
-                    f"got a batch of {len(detections)}. Use FCOS.predict for batches."
-                )
-            det = detections[0]
-            return det["boxes"], det["labels"], det["scores"]
 
         if gt_boxes is None:
             raise ValueError("FCOS.forward needs gt_boxes in training mode.")
@@ -1323,7 +1351,8 @@ class FCOS(nn.Module):
 
         Returns:
             Dict with scalar "loss_cls", "loss_box", "loss_ctr", each a sum over
-            locations divided by the normaliser.
+            locations divided by the normaliser; "loss_ctr" is the centerness
+            cross-entropy minus its floor, the entropy of the targets (see below).
         """
         strides_per_fpn_level = self.backbone.fpn_strides
         matched_per_level = fcos_match_locations_to_gt(
@@ -1360,11 +1389,65 @@ class FCOS(nn.Module):
         )
         if self.box_loss == "l1":
             loss_box = 0.25 * (fg_pred_deltas - gt_deltas).abs().sum()
+        # The centerness targets are soft (between 0 and 1), so their cross-entropy
+        # cannot reach 0: its minimum is the targets' entropy (about 0.58 per location
+        # on VOC). Report the cross-entropy minus that floor (the KL divergence from the
+        # targets): the same gradients, and a loss that falls to 0 when the predictions
+        # match, so that "the loss must fall" holds for the total.
+        loss_ctr = loss_ctr - binary_entropy(gt_centerness).sum()
         return {
             "loss_cls": loss_cls / normalizer,
             "loss_box": loss_box / normalizer,
             "loss_ctr": loss_ctr / normalizer,
         }
+
+    @torch.no_grad()
+    def inference(
+        self,
+        images: ImagesOrFeatures,
+        locations_per_fpn_level: TensorDict,
+        pred_cls_logits: TensorDict,
+        pred_boxreg_deltas: TensorDict,
+        pred_ctr_logits: TensorDict,
+        test_score_thresh: Optional[float] = 0.3,
+        test_nms_thresh: Optional[float] = 0.5,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        The course's inference on a single image (batch size 1): ``postprocess``
+        for one image, returned as a tuple. Called by ``forward`` in eval mode.
+
+        Args:
+            images: The ``(1, 3, H, W)`` image (or its c3/c4/c5 feature dict); only
+                its size is used, to clip the boxes.
+            locations_per_fpn_level, pred_*: As in ``compute_losses``, batch size 1.
+            test_score_thresh, test_nms_thresh: Thresholds (``None``: 0.3 and 0.5).
+
+        Returns:
+            ``(pred_boxes (K, 4), pred_classes (K,), pred_scores (K,))``: absolute
+            XYXY boxes, class ids (never -1) and scores
+            ``sqrt(sigmoid(cls) * sigmoid(ctr))``, by decreasing score.
+        """
+        detections = self.postprocess(
+            locations_per_fpn_level,
+            pred_cls_logits,
+            pred_boxreg_deltas,
+            pred_ctr_logits,
+            image_size=image_size_of(images),
+            score_thresh=0.3 if test_score_thresh is None else test_score_thresh,
+            nms_thresh=0.5 if test_nms_thresh is None else test_nms_thresh,
+        )
+        if len(detections) != 1:
+            raise ValueError(
+                "FCOS.forward / FCOS.inference in eval mode handle a single image (course API); "
+                f"got a batch of {len(detections)}. Use FCOS.predict for batches."
+            )
+        det = detections[0]
+        return det["boxes"], det["labels"], det["scores"]
+
+    @staticmethod
+    def _cat_across_fpn_levels(dict_with_fpn_levels: TensorDict, dim: int = 1) -> torch.Tensor:
+        """The course's helper: concatenate the values of a per-level dict along ``dim``."""
+        return _cat_across_fpn_levels(dict_with_fpn_levels, dim=dim)
 
     @torch.no_grad()
     def predict(

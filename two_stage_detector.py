@@ -1164,6 +1164,84 @@ class FasterRCNN(nn.Module):
             boxes[keep], scores[keep], labels[keep], image_ids[keep], num_images, nms_thresh, self.detections_per_image
         )
 
+    @torch.no_grad()
+    def inference(
+        self,
+        images: Union[torch.Tensor, TensorDict],
+        proposals: Union[Dict[str, List[torch.Tensor]], List[torch.Tensor], torch.Tensor],
+        pred_cls_logits: Optional[torch.Tensor] = None,
+        test_score_thresh: Optional[float] = None,
+        test_nms_thresh: Optional[float] = None,
+        *,
+        pred_box_deltas: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """
+        The course's second-stage inference for a single image (batch size 1).
+
+        Args:
+            images: The ``(1, 3, H, W)`` image (or its c3/c4/c5 feature dict).
+            proposals: The image's RPN proposals, in any of the course's forms: a dict
+                ``{"p3": [P3_0], "p4": [P4_0], "p5": [P5_0]}`` of per-image lists
+                (``reassign_proposals_to_fpn_levels``; the levels are concatenated in
+                the dict's order), a list with one ``(P, 4)`` tensor (our RPN's
+                output), or a ``(P, 4)`` / ``(1, P, 4)`` tensor.
+            pred_cls_logits: ``(P, num_classes + 1)`` logits of these proposals, in
+                the same order (logit 0: background). ``None``: computed here.
+            test_score_thresh, test_nms_thresh: Thresholds (``None``: the
+                constructor's ``test_score_thresh`` / ``test_nms_thresh``).
+            pred_box_deltas: ``(P, num_classes * 4)`` class-specific box deltas
+                (our second stage also refines the boxes; the course's does not).
+                ``None``: computed from ``images`` and the proposals.
+
+        Returns:
+            ``(pred_boxes (M, 4), pred_classes (M,), pred_scores (M,))``: absolute
+            XYXY boxes, 0-based classes (never background) and softmax scores, by
+            decreasing score, as ``forward`` in eval mode.
+        """
+        if isinstance(proposals, dict):
+            per_level = [level_props[0] for level_props in proposals.values() if len(level_props) > 0]
+            rois = torch.cat(per_level, dim=0) if per_level else torch.zeros(0, 4)
+        elif isinstance(proposals, (list, tuple)):
+            if len(proposals) != 1:
+                raise ValueError(f"inference() takes one image, got proposals for {len(proposals)}: use predict()")
+            rois = proposals[0]
+        else:
+            rois = proposals[0] if proposals.dim() == 3 else proposals
+        need_head = pred_cls_logits is None or pred_box_deltas is None
+        feats_per_fpn_level = self.backbone(images) if need_head else None
+        device = feats_per_fpn_level["p3"].device if need_head else pred_cls_logits.device
+        rois = at_least_float32(rois.to(device=device))
+        if need_head:
+            if feats_per_fpn_level["p3"].shape[0] != 1:
+                raise ValueError("inference() takes one image: use predict() for batches")
+            roi_batch_idx = torch.zeros(rois.shape[0], dtype=torch.long, device=device)
+            roi_feats = multiscale_roi_align(
+                feats_per_fpn_level, self.backbone.fpn_strides, rois, roi_batch_idx, self.roi_size
+            )
+            flat_feats = self.roi_stem(roi_feats)
+            if pred_cls_logits is None:
+                pred_cls_logits = self.cls_pred(flat_feats)
+            if pred_box_deltas is None:
+                pred_box_deltas = self.box_pred(flat_feats)
+        cls_logits = at_least_float32(pred_cls_logits)
+        if cls_logits.shape != (rois.shape[0], self.num_classes + 1):
+            raise ValueError(
+                f"pred_cls_logits has shape {tuple(cls_logits.shape)}, expected "
+                f"({rois.shape[0]}, {self.num_classes + 1}) for {rois.shape[0]} proposals"
+            )
+        box_deltas = at_least_float32(pred_box_deltas).reshape(-1, self.num_classes, 4)
+        rois = rois.to(cls_logits)
+        score_thresh = self.test_score_thresh if test_score_thresh is None else test_score_thresh
+        nms_thresh = self.test_nms_thresh if test_nms_thresh is None else test_nms_thresh
+        boxes, scores, labels, keep = self.roi_candidates(
+            rois, cls_logits, box_deltas, image_size_of(images), score_thresh
+        )
+        image_ids = torch.zeros_like(labels)
+        det = select_detections(
+            boxes[keep], scores[keep], labels[keep], image_ids[keep], 1, nms_thresh, self.detections_per_image
+        )[0]
+        return det["boxes"], det["labels"], det["scores"]
+
     def roi_candidates(
         self,
         rois: torch.Tensor,

@@ -75,7 +75,8 @@ def _other_parts_from_the_reference(request, monkeypatch):
     reference = isolation.reference_modules(REPO_ROOT, SUBMISSION)
     if reference is None:
         return
-    isolation.patch_other_parts(monkeypatch, reference, keep_part=_part_of(request.node))
+    test_module = getattr(request.node, "module", None)
+    isolation.patch_other_parts(monkeypatch, reference, keep_part=_part_of(request.node), test_module=test_module)
 
 
 # --------------------------------------------------------------------------------------

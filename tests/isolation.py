@@ -109,12 +109,15 @@ def patch_other_parts(
     monkeypatch: pytest.MonkeyPatch,
     reference: Dict[str, types.ModuleType],
     keep_part: Optional[str],
+    test_module: Optional[types.ModuleType] = None,
 ) -> None:
     """Replace, in the loaded submission modules, every student function and method
     except those of ``keep_part`` by the reference's. Module-level functions are
-    replaced wherever a submission module holds them (``two_stage_detector`` imports
-    ``get_fpn_location_coords`` from ``fcos``)."""
+    replaced wherever a submission module or the test module holds them
+    (``two_stage_detector`` imports ``get_fpn_location_coords`` from ``fcos``; a test
+    file imports the functions it calls)."""
     submission = {name: sys.modules[name] for name in STUDENT_MODULES if name in sys.modules}
+    holders = list(submission.values()) + ([test_module] if test_module is not None else [])
     for ref_name, ref_module in reference.items():
         for part, qualnames in part_functions(ref_module.__file__).items():
             if part == keep_part:
@@ -128,6 +131,7 @@ def patch_other_parts(
                     ref_function = getattr(ref_module, class_name).__dict__[method]
                     monkeypatch.setattr(cls, method, _for_class(ref_function, cls))
                     continue
-                for module in submission.values():
-                    if hasattr(module, qualname):
-                        monkeypatch.setattr(module, qualname, getattr(ref_module, qualname))
+                originals = {id(getattr(m, qualname)) for m in submission.values() if hasattr(m, qualname)}
+                for holder in holders:
+                    if id(getattr(holder, qualname, None)) in originals:
+                        monkeypatch.setattr(holder, qualname, getattr(ref_module, qualname))

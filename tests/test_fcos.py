@@ -1,34 +1,40 @@
 """Tests of fcos.py: FCOS building blocks, NMS, losses and the whole detector.
 
-Expected values are computed by hand (documented next to each assertion) or by an
-independent reference: torchvision's ops for NMS and the losses, straightforward
-Python loops for target assignment and the training losses. Models are tiny and
-randomly initialised (``pretrained=False``), images 64-128 px, so the file runs in
-seconds on a CPU.
+Every test is marked with the part of the assignment it grades ("provided" for given code
+and for tests of the whole detector). Expected values are computed by hand (the
+arithmetic is in the comments) or come from torchvision; failures say what was expected
+and what was computed (``tests/checks.py``). Models are tiny and randomly initialised
+(``pretrained=False``), images 64-128 px, so the file runs in seconds on a CPU.
 """
 from __future__ import annotations
 
 import copy
 import math
 import urllib.error
-from typing import Dict, Optional
+from typing import Dict
 
 import pytest
 import torch
-from torch import nn
 import torchvision
+from torch import nn
 from torch.nn import functional as F
 
 import fcos
+from checks import check_close, check_dtype, check_equal, check_shape
 from fcos import (
     FCOS,
     DetectorBackboneWithFPN,
     FCOSPredictionNetwork,
-    class_spec_nms,
     fcos_apply_deltas_to_locations,
+    fcos_box_and_centerness_losses,
+    fcos_candidates_in_scale_range,
+    fcos_candidates_inside_boxes,
+    fcos_classification_loss,
     fcos_get_deltas_from_locations,
+    fcos_level_candidates,
     fcos_make_centerness_targets,
     fcos_match_locations_to_gt,
+    fcos_pick_smallest_box,
     get_fpn_location_coords,
     image_size_of,
     nms,
@@ -52,16 +58,10 @@ def tiny_fcos(num_classes: int = 3, **kwargs) -> FCOS:
     return FCOS(num_classes=num_classes, fpn_channels=16, stem_channels=[16], **kwargs)
 
 
-def hand_locations(height: int, width: int) -> Dict[str, torch.Tensor]:
-    """Locations of a (height, width) image built independently of the student code:
-    cell (i, j) of stride s is at (s * (j + 0.5), s * (i + 0.5))."""
-    out = {}
-    for name, s in STRIDES.items():
-        rows, cols = math.ceil(height / s), math.ceil(width / s)
-        out[name] = torch.tensor(
-            [[s * (j + 0.5), s * (i + 0.5)] for i in range(rows) for j in range(cols)]
-        )
-    return out
+def image_locations(height: int, width: int) -> Dict[str, torch.Tensor]:
+    """The detector's locations of a (height, width) image (``get_fpn_location_coords``)."""
+    shapes = {name: (1, 1, math.ceil(height / s), math.ceil(width / s)) for name, s in STRIDES.items()}
+    return get_fpn_location_coords(shapes, STRIDES)
 
 
 def random_gt(batch: int, size: int, num_classes: int, max_boxes: int = 3, seed: int = 0) -> torch.Tensor:
@@ -100,6 +100,11 @@ def test_image_size_of_images_and_features():
 ###############################################################################
 
 
+###############################################################################
+# Backbone and FPN
+###############################################################################
+
+
 @pytest.mark.part("fpn")
 @pytest.mark.parametrize("backbone", ["regnet_x_400mf", "mobilenet_v2"])
 @pytest.mark.parametrize("size", [(64, 96), (100, 75)])
@@ -111,14 +116,20 @@ def test_backbone_fpn_shapes(backbone, size):
     images = torch.randn(2, 3, *size)
     c_feats = model.extract_features(images)
     spec = fcos.BACKBONE_SPECS[backbone]
-    p_feats = model(images)
-    assert list(p_feats) == ["p3", "p4", "p5"]
+    try:
+        p_feats = model(images)
+    except RuntimeError as error:
+        raise AssertionError(
+            f"FPN on a {size[0]}x{size[1]} image: expected p3/p4/p5 of the sizes of c3/c4/c5 "
+            f"({', '.join(str(tuple(c.shape[-2:])) for c in c_feats.values())}); computing them raised: {error}"
+        ) from error
+    check_equal("levels of the FPN output", torch.tensor([len(p_feats)]), [3])
     for level, stride in STRIDES.items():
         # Odd sizes: convolutions with padding round up.
         expected_hw = (math.ceil(size[0] / stride), math.ceil(size[1] / stride))
         c = c_feats["c" + level[1]]
         assert c.shape == (2, spec.channels["c" + level[1]], *expected_hw)
-        assert p_feats[level].shape == (2, 24, *expected_hw)
+        check_shape(f"{level} of a {size[0]}x{size[1]} image", p_feats[level], (2, 24, *expected_hw))
 
 
 @pytest.mark.part("fpn")
@@ -130,10 +141,12 @@ def test_fpn_top_down_information_flow():
     base = model(feats)
     changed_c5 = model({**feats, "c5": feats["c5"] + 1.0})
     changed_c3 = model({**feats, "c3": feats["c3"] + 1.0})
-    assert not torch.allclose(changed_c5["p3"], base["p3"])
-    assert not torch.allclose(changed_c5["p4"], base["p4"])
-    assert torch.equal(changed_c3["p5"], base["p5"])
-    assert torch.equal(changed_c3["p4"], base["p4"])
+    for level in ("p3", "p4"):
+        if torch.allclose(changed_c5[level], base[level]):
+            raise AssertionError(f"{level} when c5 changes: expected a change (the top-down pathway carries c5 "
+                                 f"down to every level), computed the same {level}")
+    check_equal("p5 when only c3 changes (no bottom-up path)", changed_c3["p5"], base["p5"])
+    check_equal("p4 when only c3 changes (no bottom-up path)", changed_c3["p4"], base["p4"])
 
 
 @pytest.mark.part("fpn")
@@ -149,50 +162,101 @@ def test_frozen_backbone_mode():
     assert all(not f.requires_grad for f in feats.values())
 
 
-def _randomize_batchnorm(module: torch.nn.Module, seed: int = 0) -> None:
-    """Non-trivial BatchNorm statistics and affine parameters (fresh ones are 0/1)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.copy_(torch.rand(m.num_features, generator=gen) * 2 - 1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.bias.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
+def _fpn_convs(model: DetectorBackboneWithFPN):
+    """The FPN's convolutions, found by shape (whatever the student named them):
+    1x1 "lateral" convs keyed by their input channels, and the 3x3 "output" convs."""
+    convs = [m for m in model.fpn_params.modules() if isinstance(m, nn.Conv2d)]
+    lateral = {m.in_channels: m for m in convs if m.kernel_size == (1, 1)}
+    output = [m for m in convs if m.kernel_size == (3, 3)]
+    return lateral, output
 
 
 @pytest.mark.part("fpn")
-@pytest.mark.parametrize("backbone", ["regnet_x_400mf", "mobilenet_v2"])
-def test_folded_batchnorm_backbone(backbone):
-    """Eval-mode features without autograd come from a BatchNorm-folded copy of the CNN:
-    same values, no BatchNorm left, not in the state dict, rebuilt when weights change.
-    (Provided code, but building the module needs the FPN layers.)"""
-    torch.manual_seed(0)
-    model = DetectorBackboneWithFPN(8, backbone=backbone, pretrained=False, freeze_backbone=True)
-    _randomize_batchnorm(model.backbone)
-    images = torch.randn(2, 3, 64, 96)
-    reference = dict(model.backbone(images))  # the unfolded CNN, called directly
-    feats = model.extract_features(images)  # frozen => no_grad => folded copy
-    folded = model._folded_backbone()
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
-    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.modules()) > 10
-    for name in ("c3", "c4", "c5"):
-        torch.testing.assert_close(feats[name], reference[name], rtol=1e-4, atol=1e-4)
-    assert not any("folded" in key for key in model.state_dict())
-    assert model._folded_backbone() is folded, "unchanged weights reuse the folded copy"
+def test_fpn_has_lateral_and_output_convs():
+    model = DetectorBackboneWithFPN(24, backbone="mobilenet_v2", pretrained=False)
+    lateral, output = _fpn_convs(model)
+    # MobileNetV2 gives c3, c4, c5 with 32, 96 and 1280 channels.
+    check_equal("input channels of the 1x1 lateral convs", torch.tensor(sorted(lateral)), [32, 96, 1280])
+    check_equal("output channels of the 1x1 lateral convs",
+                torch.tensor([m.out_channels for m in lateral.values()]), [24, 24, 24])
+    check_equal("number of 3x3 output convs (one per level)", torch.tensor(len(output)), 3)
+    for conv in output:
+        check_equal("3x3 output conv (in, out) channels", torch.tensor([conv.in_channels, conv.out_channels]), [24, 24])
+        check_equal("3x3 output conv padding (keeps the size)", torch.tensor(conv.padding), [1, 1])
 
-    # New weights (as when loading a checkpoint): the folded copy is rebuilt.
-    _randomize_batchnorm(model.backbone, seed=1)
-    reference = dict(model.backbone(images))
-    feats = model.extract_features(images)
-    assert model._folded_backbone() is not folded
-    torch.testing.assert_close(feats["c5"], reference["c5"], rtol=1e-4, atol=1e-4)
 
-    # A trainable CNN in train mode uses the real one: BatchNorm batch statistics, gradients.
-    trainable = DetectorBackboneWithFPN(8, backbone=backbone, pretrained=False).train()
-    feats = trainable.extract_features(images)
-    feats["c5"].sum().backward()
-    assert all(p.grad is not None for p in trainable.backbone.parameters() if p.requires_grad)
+def _identity_fpn(out_channels: int = 4) -> DetectorBackboneWithFPN:
+    """An FPN whose 1x1 lateral convs copy the first ``out_channels`` input channels and
+    whose 3x3 output convs are the identity: p_i shows exactly what is added where."""
+    model = DetectorBackboneWithFPN(out_channels, backbone="mobilenet_v2", pretrained=False)
+    lateral, output = _fpn_convs(model)
+    with torch.no_grad():
+        for conv in list(lateral.values()) + output:
+            conv.weight.zero_()
+            conv.bias.zero_()
+            for channel in range(out_channels):
+                centre = conv.kernel_size[0] // 2
+                conv.weight[channel, channel, centre, centre] = 1.0
+    return model
+
+
+@pytest.mark.part("fpn")
+def test_fpn_nearest_upsampling_to_the_exact_size():
+    """Only c5 is non-zero, so p4 = upsample(p5) and p3 = upsample(p4). Nearest-neighbour
+    upsampling to the lateral's *exact* size: p5 is 2x2, p4 is 3x3 (an odd image size),
+    and nearest picks rows/columns floor(i * 2 / 3) = 0, 0, 1 of p5."""
+    model = _identity_fpn(4).eval()
+    c5 = torch.zeros(1, 1280, 2, 2)
+    c5[0, :4] = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    feats = {"c3": torch.zeros(1, 32, 6, 6), "c4": torch.zeros(1, 96, 3, 3), "c5": c5}
+    try:
+        with torch.no_grad():
+            p = model(feats)
+    except RuntimeError as error:
+        raise AssertionError(
+            "FPN on c3/c4/c5 of 6x6, 3x3, 2x2 (an odd image size): expected the upsampled coarser map to "
+            f"take the exact size of the finer lateral (2x2 -> 3x3), computing it raised: {error}"
+        ) from error
+    check_close("p5 (lateral c5 through the identity output conv), channel 0", p["p5"][0, 0], [[1.0, 2.0], [3.0, 4.0]])
+    expected_p4 = [[1.0, 1.0, 2.0], [1.0, 1.0, 2.0], [3.0, 3.0, 4.0]]
+    check_close("p4 = nearest upsampling of the c5 path to 3x3, channel 0", p["p4"][0, 0], expected_p4,
+                hint="use F.interpolate(..., size=lateral.shape[-2:], mode='nearest')")
+    # p3 (6x6): every cell of p4 becomes a 2x2 block.
+    expected_p3 = torch.tensor(expected_p4).repeat_interleave(2, 0).repeat_interleave(2, 1)
+    check_close("p3 = nearest upsampling of the merged p4 path to 6x6, channel 0", p["p3"][0, 0], expected_p3)
+
+
+@pytest.mark.part("fpn")
+def test_fpn_adds_the_lateral_before_the_output_conv():
+    """c4 alone: p4 is its lateral (through the output conv), p5 does not see it, and p3
+    receives it upsampled (2x: 3x3 -> 6x6)."""
+    model = _identity_fpn(4).eval()
+    c4 = torch.zeros(1, 96, 3, 3)
+    c4[0, 1, 1, 2] = 5.0
+    feats = {"c3": torch.ones(1, 32, 6, 6), "c4": c4, "c5": torch.zeros(1, 1280, 2, 2)}
+    with torch.no_grad():
+        p = model(feats)
+    check_close("p5 when only c3 and c4 are non-zero", p["p5"], torch.zeros(1, 4, 2, 2))
+    check_close("p4 channel 1 (the lateral of c4)", p["p4"][0, 1], [[0.0, 0.0, 0.0], [0.0, 0.0, 5.0], [0.0, 0.0, 0.0]])
+    # p3 channel 1 = lateral(c3) (ones) + 2x2 blocks of p4's channel 1.
+    expected = torch.ones(6, 6)
+    expected[2:4, 4:6] += 5.0
+    check_close("p3 channel 1 (lateral of c3 plus the upsampled p4 path)", p["p3"][0, 1], expected)
+
+
+@pytest.mark.part("fpn")
+def test_fpn_output_convs_are_applied():
+    """Output convs with zero weights and bias 7 make every p_i exactly 7."""
+    model = DetectorBackboneWithFPN(4, backbone="mobilenet_v2", pretrained=False).eval()
+    _, output = _fpn_convs(model)
+    with torch.no_grad():
+        for conv in output:
+            conv.weight.zero_()
+            conv.bias.fill_(7.0)
+        p = model(model.extract_features(torch.randn(1, 3, 64, 64)))
+    for name, feat in p.items():
+        check_close(f"{name} after a 3x3 output conv of weight 0 and bias 7", feat, torch.full_like(feat, 7.0),
+                    hint="every p_i must be the output of its 3x3 conv")
 
 
 @pytest.mark.part("provided")
@@ -250,47 +314,22 @@ def test_fpn_location_coords_hand_computed():
         "p4": [[8, 8], [24, 8]],
         "p5": [[16, 16]],
     }
-    assert list(locations) == ["p3", "p4", "p5"]
+    check_equal("levels of the returned dict", torch.tensor([len(locations)]), [3])
     for name, coords in expected.items():
-        assert locations[name].dtype == torch.float64
-        assert torch.equal(locations[name], torch.tensor(coords, dtype=torch.float64))
+        check_dtype(f"{name} locations", locations[name], torch.float64)
+        check_close(f"{name} (x, y) locations of a {shapes[name][2]}x{shapes[name][3]} map", locations[name],
+                    torch.tensor(coords, dtype=torch.float64),
+                    hint="cell (row i, column j) is at (s * (j + 0.5), s * (i + 0.5)), x varying fastest")
 
 
 @pytest.mark.part("locations")
-def test_fpn_location_coords_match_hand_grid():
-    shapes = {"p3": (1, 1, 13, 10), "p4": (1, 1, 7, 5), "p5": (1, 1, 4, 3)}
-    locations = get_fpn_location_coords(shapes, STRIDES)
-    expected = hand_locations(100, 75)
-    for name in STRIDES:
-        assert locations[name].dtype == torch.float32
-        assert torch.equal(locations[name], expected[name])
-
-
-@pytest.mark.part("provided")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_group_norm_equals_torch_in_every_layout(dtype, layout):
-    """fcos.GroupNorm takes a faster route for half-precision channels-last inputs on
-    the CPU; values, gradients and the output layout must be nn.GroupNorm's."""
-    torch.manual_seed(0)
-    ours, ref = fcos.GroupNorm(4, 8), nn.GroupNorm(4, 8)
-    nn.init.normal_(ref.weight)
-    nn.init.normal_(ref.bias)
-    ours.load_state_dict(ref.state_dict())
-    x = torch.randn(2, 8, 5, 6).to(dtype).contiguous(memory_format=layout)
-    grad = torch.randn(2, 8, 5, 6).to(dtype)
-    outs = []
-    for module in (ours, ref):
-        xi = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
-        y = module.to(dtype)(xi)
-        y.backward(grad)
-        outs.append((y, xi.grad, module.weight.grad))
-    (y, gx, gw), (y_ref, gx_ref, gw_ref) = outs
-    assert y.is_contiguous(memory_format=layout) and y.dtype == dtype
-    tol = dict(rtol=0, atol=0) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(y, y_ref, **tol)
-    torch.testing.assert_close(gx, gx_ref, **tol)
-    torch.testing.assert_close(gw, gw_ref, **tol)
+def test_fpn_location_coords_tall_map_and_default_dtype():
+    # A 3 x 1 map at stride 16 (rows vary, one column) and a 1 x 2 map at stride 8.
+    locations = get_fpn_location_coords({"p4": (1, 1, 3, 1), "p3": (1, 1, 1, 2)}, {"p4": 16, "p3": 8})
+    check_dtype("locations (default dtype)", locations["p4"], torch.float32)
+    check_close("p4 locations of a 3x1 map", locations["p4"], [[8.0, 8.0], [8.0, 24.0], [8.0, 40.0]],
+                hint="the first coordinate is x (the column), the second y (the row)")
+    check_close("p3 locations of a 1x2 map", locations["p3"], [[4.0, 4.0], [12.0, 4.0]])
 
 
 @pytest.mark.part("fcos_head")
@@ -301,15 +340,55 @@ def test_prediction_network_shapes_and_init():
     cls_logits, box_deltas, ctr_logits = head(feats)
     for name, feat in feats.items():
         hw = feat.shape[2] * feat.shape[3]
-        assert cls_logits[name].shape == (2, hw, 5)
-        assert box_deltas[name].shape == (2, hw, 4)
-        assert ctr_logits[name].shape == (2, hw, 1)
+        check_shape(f"class logits of {name}", cls_logits[name], (2, hw, 5))
+        check_shape(f"box deltas of {name}", box_deltas[name], (2, hw, 4))
+        check_shape(f"centerness logits of {name}", ctr_logits[name], (2, hw, 1))
     # Focal-loss prior: every class starts at probability ~0.01.
     probs = torch.sigmoid(torch.cat([v.detach() for v in cls_logits.values()], dim=1))
-    assert abs(float(probs.mean()) - 0.01) < 1e-3 and 0.005 < float(probs.min()) and float(probs.max()) < 0.02
+    check_close("mean initial class probability (focal-loss prior)", probs.mean(), torch.tensor(0.01), atol=1e-3,
+                hint="initialise the pred_cls bias at -log((1 - 0.01) / 0.01)")
+    check_close("spread of the initial class probabilities", torch.stack([probs.min(), probs.max()]),
+                torch.tensor([0.01, 0.01]), atol=0.01)
     # One GroupNorm per stem conv in each of the two stems.
     norms = [m for m in head.modules() if isinstance(m, torch.nn.GroupNorm)]
-    assert len(norms) == 4
+    check_equal("number of GroupNorm layers (one per stem conv, two stems of 2)", torch.tensor(len(norms)), 4)
+
+
+@pytest.mark.part("fcos_head")
+def test_prediction_network_output_order_matches_the_locations():
+    """Row i * W + j of an output is cell (row i, column j) of the conv output: the order
+    of get_fpn_location_coords (x varies fastest), with channels last."""
+    torch.manual_seed(0)
+    head = FCOSPredictionNetwork(num_classes=3, in_channels=8, stem_channels=[8])
+    feats = {"p3": torch.randn(2, 8, 3, 5)}
+    cls_logits, box_deltas, ctr_logits = head(feats)
+    with torch.no_grad():
+        cls_map = head.pred_cls(head.stem_cls(feats["p3"]))  # (2, 3, 3, 5)
+        box_map = head.pred_box(head.stem_box(feats["p3"]))  # (2, 4, 3, 5)
+    for b, i, j in ((0, 0, 1), (1, 2, 4), (1, 1, 0)):
+        check_close(f"class logits of image {b}, cell (row {i}, column {j})", cls_logits["p3"][b, i * 5 + j],
+                    cls_map[b, :, i, j], hint="(B, C, H, W) -> (B, H*W, C): flatten H, W then move channels last")
+        check_close(f"box deltas of image {b}, cell (row {i}, column {j})", box_deltas["p3"][b, i * 5 + j],
+                    box_map[b, :, i, j])
+
+
+@pytest.mark.part("fcos_head")
+def test_prediction_network_stems_end_with_relu():
+    """Stems are Conv3x3 -> GroupNorm -> ReLU. With every GroupNorm giving -1 (weight 0,
+    bias -1), the ReLU makes the stem output 0, so the predictions equal their biases."""
+    head = FCOSPredictionNetwork(num_classes=2, in_channels=4, stem_channels=[4, 4])
+    with torch.no_grad():
+        for module in head.modules():
+            if isinstance(module, nn.GroupNorm):
+                module.weight.zero_()
+                module.bias.fill_(-1.0)
+        for conv in (head.pred_cls, head.pred_box, head.pred_ctr):
+            conv.weight.fill_(1.0)
+            conv.bias.fill_(0.5)
+        cls_logits, box_deltas, ctr_logits = head({"p4": torch.randn(1, 4, 2, 2)})
+    for name, out in (("class logits", cls_logits), ("box deltas", box_deltas), ("centerness logits", ctr_logits)):
+        check_close(f"{name} after stems whose GroupNorm outputs -1", out["p4"], torch.full_like(out["p4"], 0.5),
+                    hint="each stem block is Conv3x3 -> GroupNorm -> ReLU")
 
 
 @pytest.mark.part("fcos_head")
@@ -318,8 +397,12 @@ def test_centerness_hangs_off_box_stem():
     head = FCOSPredictionNetwork(num_classes=3, in_channels=8, stem_channels=[8])
     _, _, ctr_logits = head({"p3": torch.randn(1, 8, 4, 4)})
     ctr_logits["p3"].sum().backward()
-    assert all(p.grad is None for p in head.stem_cls.parameters())
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in head.stem_box.parameters())
+    cls_stem_grads = [p.grad for p in head.stem_cls.parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    box_stem_grads = [p.grad for p in head.stem_box.parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+    check_equal("classification-stem parameters that the centerness reaches", torch.tensor(len(cls_stem_grads)), 0,
+                hint="pred_ctr sits on the box stem (FCOS v2)")
+    if not box_stem_grads:
+        raise AssertionError("box-stem parameters that the centerness reaches: expected some, computed none")
 
 
 ###############################################################################
@@ -334,7 +417,8 @@ def test_deltas_hand_computed_and_background():
     deltas = fcos_get_deltas_from_locations(locations, gt, stride=8)
     # (x - x1, y - y1, x2 - x, y2 - y) / 8 = (10, 10, 30, 10) / 8; background -> -1.
     expected = torch.tensor([[1.25, 1.25, 3.75, 1.25], [-1.0, -1.0, -1.0, -1.0]])
-    assert torch.allclose(deltas, expected)
+    check_close("deltas (l, t, r, b) / stride of a location and of a background row", deltas, expected,
+                hint="(x - x1, y - y1, x2 - x, y2 - y) / stride; background rows (all -1) give -1")
 
 
 @pytest.mark.part("fcos_deltas")
@@ -344,19 +428,21 @@ def test_deltas_round_trip_batched_and_clamped():
     sides = torch.rand(3, 7, 4, generator=gen) * 40 + 1
     boxes = torch.cat([locations - sides[..., :2], locations + sides[..., 2:]], dim=-1)  # (B, N, 4)
     deltas = fcos_get_deltas_from_locations(locations, boxes, stride=16)
-    assert deltas.shape == (3, 7, 4)
-    assert torch.allclose(deltas, sides / 16)
-    assert torch.allclose(fcos_apply_deltas_to_locations(deltas, locations, stride=16), boxes, atol=1e-5)
+    check_shape("batched deltas", deltas, (3, 7, 4))
+    check_close("batched deltas", deltas, sides / 16)
+    check_close("boxes decoded from their deltas", fcos_apply_deltas_to_locations(deltas, locations, stride=16),
+                boxes, atol=1e-5)
     # Background deltas decode to the location itself; negative deltas are clamped to 0.
     point = fcos_apply_deltas_to_locations(torch.tensor([[-1.0, -1.0, -1.0, -1.0]]), torch.tensor([[7.0, 9.0]]), 8)
-    assert torch.equal(point, torch.tensor([[7.0, 9.0, 7.0, 9.0]]))
+    check_close("box decoded from background deltas (-1, clamped to 0)", point, [[7.0, 9.0, 7.0, 9.0]],
+                hint="clamp the deltas at 0 before decoding")
     half = fcos_apply_deltas_to_locations(torch.tensor([[-2.0, 1.0, 0.5, -0.1]]), torch.tensor([[10.0, 10.0]]), 4)
-    assert torch.allclose(half, torch.tensor([[10.0, 6.0, 12.0, 10.0]]))
+    check_close("box decoded from partly negative deltas at stride 4", half, [[10.0, 6.0, 12.0, 10.0]])
     # A per-location stride tensor (several levels concatenated) broadcasts.
     strides = torch.tensor([[8.0], [16.0]])
     two = fcos_get_deltas_from_locations(torch.tensor([[16.0, 16.0], [40.0, 40.0]]),
                                          torch.tensor([[0.0, 0.0, 32.0, 32.0], [8.0, 8.0, 72.0, 72.0]]), strides)
-    assert torch.allclose(two, torch.tensor([[2.0, 2.0, 2.0, 2.0], [2.0, 2.0, 2.0, 2.0]]))
+    check_close("deltas with a per-location stride tensor", two, [[2.0, 2.0, 2.0, 2.0], [2.0, 2.0, 2.0, 2.0]])
 
 
 @pytest.mark.part("centerness")
@@ -370,16 +456,132 @@ def test_centerness_hand_computed():
         ]
     )
     expected = torch.tensor([1.0, math.sqrt(1 / 3), math.sqrt(1 / 12), -1.0])
-    assert torch.allclose(fcos_make_centerness_targets(deltas), expected)
+    check_close("centerness targets", fcos_make_centerness_targets(deltas), expected,
+                hint="sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b)); -1 for background rows")
     # Extra leading dims.
     batched = fcos_make_centerness_targets(deltas.expand(2, 4, 4).double())
-    assert batched.shape == (2, 4) and batched.dtype == torch.float64
-    assert torch.allclose(batched, expected.double().expand(2, 4))
+    check_shape("centerness of (2, 4, 4) deltas", batched, (2, 4))
+    check_dtype("centerness of float64 deltas", batched, torch.float64)
+    check_close("batched centerness", batched, expected.double().expand(2, 4))
 
 
 ###############################################################################
-# Matching locations to GT (provided)
+# Matching locations to GT: the three steps
 ###############################################################################
+
+# Five locations against two images of boxes. Image 0: box A (0, 0, 40, 20) class 3 and a
+# padding row; image 1: box B (10, 10, 30, 30) class 0 and box C (-10, -10, 100, 100) class 2.
+MATCH_LOCATIONS = torch.tensor([[10.0, 10.0], [40.0, 10.0], [20.0, 5.0], [20.0, 20.0], [35.0, 15.0]])
+MATCH_GT = torch.tensor(
+    [
+        [[0.0, 0.0, 40.0, 20.0, 3.0], [-1.0, -1.0, -1.0, -1.0, -1.0]],
+        [[10.0, 10.0, 30.0, 30.0, 0.0], [-10.0, -10.0, 100.0, 100.0, 2.0]],
+    ]
+)
+
+
+@pytest.mark.part("fcos_match_inside")
+def test_candidates_inside_boxes_without_centre_sampling():
+    strides = torch.full((5,), 8.0)
+    inside = fcos_candidates_inside_boxes(MATCH_LOCATIONS, MATCH_GT, strides, center_sampling_radius=None)
+    check_shape("candidates (B, L, N)", inside, (2, 5, 2))
+    check_dtype("candidates", inside, torch.bool)
+    # Image 0, box A (0, 0, 40, 20): (10, 10) inside; (40, 10) on the right side (not
+    # strictly inside); (20, 5), (35, 15) inside; (20, 20) on the bottom side. The padding
+    # row is never a candidate.
+    # Image 1, box B (10, 10, 30, 30): only (20, 20) is strictly inside ((10, 10) is a
+    # corner); box C contains every location.
+    expected = torch.tensor(
+        [
+            [[True, False], [False, False], [True, False], [False, False], [True, False]],
+            [[False, True], [False, True], [False, True], [True, True], [False, True]],
+        ]
+    )
+    check_equal("locations strictly inside each box (no centre sampling)", inside, expected,
+                hint="strictly inside: x1 < x < x2 and y1 < y < y2; padding rows (class -1) never")
+
+
+@pytest.mark.part("fcos_match_inside")
+def test_candidates_inside_boxes_with_centre_sampling():
+    # Strides differ per location: 8, 8, 16, 16, 4; radius 1.5 -> 12, 12, 24, 24, 6 px.
+    strides = torch.tensor([8.0, 8.0, 16.0, 16.0, 4.0])
+    inside = fcos_candidates_inside_boxes(MATCH_LOCATIONS, MATCH_GT, strides, center_sampling_radius=1.5)
+    # Box A centre (20, 10): (10, 10): |dx| 10 < 12 yes; (20, 5): 0, 5 < 24 yes;
+    # (35, 15): |dx| 15 > 6 no.
+    # Box B centre (20, 20): (20, 20) yes. Box C centre (45, 45): (10, 10): 35 > 12 no;
+    # (40, 10): dy 35 > 12 no; (20, 5): 25 > 24 no (dx), (20, 20): 25 > 24 no; (35, 15): no.
+    expected = torch.tensor(
+        [
+            [[True, False], [False, False], [True, False], [False, False], [False, False]],
+            [[False, False], [False, False], [False, False], [True, False], [False, False]],
+        ]
+    )
+    check_equal("candidates with centre sampling (radius 1.5 strides)", inside, expected,
+                hint="|x - cx| < radius * stride and |y - cy| < radius * stride, with each location's stride")
+
+
+@pytest.mark.part("fcos_match_scale")
+def test_candidates_in_scale_range():
+    locations = torch.tensor([[50.0, 50.0], [50.0, 50.0], [50.0, 50.0], [10.0, 90.0]])
+    # One box (0, 0, 114, 64): from (50, 50) the distances (l, t, r, b) = (50, 50, 64, 14),
+    # max 64; from (10, 90): (10, 90, 104, -26), max 104 (outside, but that is step 1's job).
+    gt = torch.tensor([[[0.0, 0.0, 114.0, 64.0, 1.0]]])
+    lower = torch.tensor([0.0, 64.0, 32.0, 64.0])
+    upper = torch.tensor([64.0, 128.0, 70.0, 128.0])
+    in_range = fcos_candidates_in_scale_range(locations, gt, lower, upper)
+    check_shape("in-range mask (B, L, N)", in_range, (1, 4, 1))
+    check_dtype("in-range mask", in_range, torch.bool)
+    # max 64 vs (0, 64): not < 64; vs (64, 128): not > 64; vs (32, 70): in; 104 vs (64, 128): in.
+    check_equal("max(l, t, r, b) strictly between the level's bounds", in_range.reshape(-1),
+                [False, False, True, True],
+                hint="use the largest of the four distances, with strict comparisons on both sides")
+
+
+@pytest.mark.part("fcos_match_scale")
+def test_candidates_in_scale_range_uses_the_largest_distance():
+    # From (30, 20) to box (0, 0, 40, 100): (l, t, r, b) = (30, 20, 10, 80): max 80, min 10.
+    locations = torch.tensor([[30.0, 20.0]])
+    gt = torch.tensor([[[0.0, 0.0, 40.0, 100.0, 0.0]], [[25.0, 15.0, 45.0, 35.0, 2.0]]])
+    in_range = fcos_candidates_in_scale_range(locations, gt, torch.tensor([64.0]), torch.tensor([128.0]))
+    # Image 1: box (25, 15, 45, 35): (5, 5, 15, 15): max 15, not in (64, 128).
+    check_equal("in (64, 128) for max distances 80 and 15", in_range.reshape(-1), [True, False])
+
+
+@pytest.mark.part("fcos_match_smallest")
+def test_pick_smallest_box():
+    gt = torch.tensor(
+        [
+            [[0.0, 0.0, 10.0, 10.0, 4.0], [0.0, 0.0, 5.0, 6.0, 1.0], [0.0, 0.0, 6.0, 5.0, 2.0]],
+            [[0.0, 0.0, 100.0, 100.0, 0.0], [-1.0, -1.0, -1.0, -1.0, -1.0], [-1.0, -1.0, -1.0, -1.0, -1.0]],
+        ]
+    )  # areas 100, 30, 30 / 10000
+    is_candidate = torch.tensor(
+        [
+            [[True, False, False], [True, True, False], [True, True, True], [False, False, False]],
+            [[True, False, False], [False, False, False], [True, False, False], [False, False, False]],
+        ]
+    )
+    matched = fcos_pick_smallest_box(is_candidate, gt)
+    check_shape("matched GT rows (B, L, 5)", matched, (2, 4, 5))
+    background = [-1.0] * 5
+    expected = torch.tensor(
+        [
+            [gt[0, 0].tolist(), gt[0, 1].tolist(), gt[0, 1].tolist(), background],  # equal areas: the first
+            [gt[1, 0].tolist(), background, gt[1, 0].tolist(), background],
+        ]
+    )
+    check_equal("matched GT row per location (smallest candidate box, -1 without candidate)", matched, expected,
+                hint="with equal areas the first box wins; rows of locations without candidates are all -1")
+
+
+@pytest.mark.part("fcos_match_smallest")
+def test_pick_smallest_box_float64_and_huge_areas():
+    # Areas 4e10 and 1e10: an "1e8 - area" trick breaks down; the smallest must still win.
+    gt = torch.tensor([[[0.0, 0.0, 2e5, 2e5, 0.0], [0.0, 0.0, 1e5, 1e5, 1.0]]], dtype=torch.float64)
+    matched = fcos_pick_smallest_box(torch.tensor([[[True, True]]]), gt)
+    check_dtype("matched rows", matched, torch.float64)
+    check_equal("matched row among boxes of areas 4e10 and 1e10", matched[0, 0], gt[0, 1])
+
 
 # A 256 x 256 scene: a small box A inside a medium box B, and a large box C that
 # overlaps both, plus a padding row.
@@ -416,77 +618,43 @@ def _row_at(matched: Dict[str, torch.Tensor], locations: Dict[str, torch.Tensor]
     return matched[level][int(index)]
 
 
-def _reference_match(locations, gt_boxes, radius: Optional[float]) -> Dict[str, torch.Tensor]:
-    """Plain-loop matching straight from the definition (one image)."""
-    names = list(locations)
-    out = {}
-    for k, name in enumerate(names):
-        s = STRIDES[name]
-        lower = 0.0 if k == 0 else 4.0 * s
-        upper = math.inf if k == len(names) - 1 else 8.0 * s
-        rows = []
-        for x, y in locations[name].tolist():
-            best, best_area = None, math.inf
-            for box in gt_boxes.tolist():
-                x1, y1, x2, y2, c = box
-                if c < 0:
-                    continue
-                dists = (x - x1, y - y1, x2 - x, y2 - y)
-                ok = min(dists) > 0 and lower < max(dists) < upper
-                if radius is not None:
-                    r = radius * s
-                    ok = ok and abs(x - (x1 + x2) / 2) < r and abs(y - (y1 + y2) / 2) < r
-                area = (x2 - x1) * (y2 - y1)
-                if ok and area < best_area:
-                    best, best_area = box, area
-            rows.append(best if best is not None else [-1.0] * 5)
-        out[name] = torch.tensor(rows)
-    return out
-
-
 @pytest.mark.part("provided")
 @pytest.mark.parametrize("radius", [None, 1.5])
 def test_match_constructed_scene(radius):
-    locations = hand_locations(256, 256)
+    """The provided matcher, which runs the three steps for all levels at once."""
+    locations = image_locations(256, 256)
     matched = fcos_match_locations_to_gt(locations, STRIDES, SCENE, center_sampling_radius=radius)
     for name, locs in locations.items():
-        assert matched[name].shape == (locs.shape[0], 5)
+        check_shape(f"matched rows of {name}", matched[name], (locs.shape[0], 5))
     for level, x, y, cls_plain, cls_sampled in SCENE_EXPECTED:
         expected_cls = cls_plain if radius is None else cls_sampled
         row = _row_at(matched, locations, level, x, y)
-        if expected_cls < 0:
-            assert torch.equal(row, torch.full((5,), -1.0)), (level, x, y)
-        else:
-            assert torch.equal(row, SCENE[expected_cls]), (level, x, y)
-    reference = _reference_match(locations, SCENE, radius)
-    for name in locations:
-        assert torch.equal(matched[name], reference[name])
+        expected = torch.full((5,), -1.0) if expected_cls < 0 else SCENE[expected_cls]
+        check_equal(f"matched row of location ({x}, {y}) on {level} (radius {radius})", row, expected)
 
 
 @pytest.mark.part("provided")
 def test_match_default_uses_center_sampling():
-    locations = hand_locations(256, 256)
+    locations = image_locations(256, 256)
     default = fcos_match_locations_to_gt(locations, STRIDES, SCENE)
     sampled = fcos_match_locations_to_gt(locations, STRIDES, SCENE, center_sampling_radius=1.5)
     for name in locations:
-        assert torch.equal(default[name], sampled[name])
+        check_equal(f"default matching of {name} (centre sampling 1.5)", default[name], sampled[name])
 
 
 @pytest.mark.part("provided")
 @pytest.mark.parametrize("radius", [None, 1.5])
 def test_match_batched_equals_per_image(radius):
-    locations = hand_locations(128, 96)
+    locations = image_locations(128, 96)
     gt = random_gt(3, 96, num_classes=4, max_boxes=5, seed=1)
     gt = torch.cat([gt, torch.full((1, 5, 5), -1.0)])  # an image without objects
     batched = fcos_match_locations_to_gt(locations, STRIDES, gt, center_sampling_radius=radius)
     for name, locs in locations.items():
-        assert batched[name].shape == (4, locs.shape[0], 5)
+        check_shape(f"batched matched rows of {name}", batched[name], (4, locs.shape[0], 5))
     for b in range(gt.shape[0]):
         single = fcos_match_locations_to_gt(locations, STRIDES, gt[b], center_sampling_radius=radius)
-        reference = _reference_match(locations, gt[b], radius)
         for name in locations:
-            assert torch.equal(batched[name][b], single[name])
-            assert torch.equal(single[name], reference[name])
+            check_equal(f"image {b}, {name}: batched vs one image", batched[name][b], single[name])
     assert all(torch.all(batched[name][3] == -1) for name in locations)
     # No boxes at all (N = 0).
     empty = fcos_match_locations_to_gt(locations, STRIDES, torch.zeros(2, 0, 5))
@@ -518,8 +686,9 @@ def test_nms_equals_torchvision(iou_threshold):
             scores = torch.randint(0, 4, (n,), generator=gen).float()
         expected = torchvision.ops.nms(boxes, scores, iou_threshold)
         kept = nms(boxes, scores, iou_threshold)
-        assert kept.dtype == torch.int64
-        assert torch.equal(kept, expected), (trial, n)
+        check_dtype("kept indices", kept, torch.int64)
+        check_equal(f"kept indices of {n} random boxes (trial {trial}, threshold {iou_threshold})", kept, expected,
+                    hint="visit boxes by decreasing score (stable sort: ties in input order); suppress IoU > t")
 
 
 @pytest.mark.part("nms")
@@ -530,36 +699,42 @@ def test_nms_large_float64_and_degenerate():
     boxes[5] = boxes[3]  # exact duplicates
     scores = torch.rand(3000, generator=gen, dtype=torch.float64)
     for threshold in (0.3, 0.5, 0.7):
-        assert torch.equal(nms(boxes, scores, threshold), torchvision.ops.nms(boxes, scores, threshold))
+        check_equal(f"kept indices of 3000 float64 boxes with empty ones and duplicates (threshold {threshold})",
+                    nms(boxes, scores, threshold), torchvision.ops.nms(boxes, scores, threshold))
 
 
 @pytest.mark.part("nms")
 def test_nms_edge_cases():
     empty = nms(torch.zeros(0, 4), torch.zeros(0))
-    assert empty.shape == (0,) and empty.dtype == torch.int64
-    assert torch.equal(nms(torch.tensor([[0.0, 0.0, 1.0, 1.0]]), torch.tensor([0.5])), torch.tensor([0]))
+    check_shape("kept indices of no boxes", empty, (0,))
+    check_dtype("kept indices of no boxes", empty, torch.int64)
+    check_equal("kept indices of one box", nms(torch.tensor([[0.0, 0.0, 1.0, 1.0]]), torch.tensor([0.5])), [0])
     # Two identical boxes with the same score: the first one is kept.
     boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]])
-    assert torch.equal(nms(boxes, torch.tensor([0.9, 0.9, 0.95])), torch.tensor([2, 0]))
+    check_equal("kept indices, two identical boxes with equal scores", nms(boxes, torch.tensor([0.9, 0.9, 0.95])),
+                [2, 0], hint="a stable descending sort keeps the first of two equal scores first")
     # IoU exactly at the threshold does not suppress (strict ">").
     half = torch.tensor([[0.0, 0.0, 2.0, 1.0], [0.0, 0.0, 1.0, 1.0]])  # IoU = 0.5
-    assert torch.equal(nms(half, torch.tensor([0.9, 0.8]), 0.5), torch.tensor([0, 1]))
+    check_equal("kept indices when the IoU equals the threshold (0.5)", nms(half, torch.tensor([0.9, 0.8]), 0.5),
+                [0, 1], hint="suppress only when IoU > threshold")
     # torchvision compares the float32 IoU with the threshold as a double: 3 / 10 in
     # float32 is 0.30000001 > 0.3, so this pair is suppressed at 0.3 (not in float64).
     pair = torch.tensor([[0.0, 0.0, 10.0, 1.0], [0.0, 0.0, 3.0, 1.0]])
     for dtype in (torch.float32, torch.float64):
         boxes, scores = pair.to(dtype), torch.tensor([0.9, 0.8], dtype=dtype)
-        assert torch.equal(nms(boxes, scores, 0.3), torchvision.ops.nms(boxes, scores, 0.3)), dtype
+        check_equal(f"kept indices at IoU 0.30000001 > 0.3 ({dtype})", nms(boxes, scores, 0.3),
+                    torchvision.ops.nms(boxes, scores, 0.3))
     # Thresholds outside [0, 1].
     gen = torch.Generator().manual_seed(3)
     boxes, scores = _random_boxes(50, gen, 100.0, 30.0), torch.rand(50, generator=gen)
     for threshold in (-0.5, 0.0, 1.0):
-        assert torch.equal(nms(boxes, scores, threshold), torchvision.ops.nms(boxes, scores, threshold))
+        check_equal(f"kept indices at threshold {threshold}", nms(boxes, scores, threshold),
+                    torchvision.ops.nms(boxes, scores, threshold))
 
 
 @pytest.mark.part("nms")
 def test_nms_many_separate_clusters_equals_torchvision():
-    """Groups of boxes far apart (as class_spec_nms makes them), of very different
+    """Groups of boxes far apart (as class-specific NMS makes them), of very different
     sizes, plus isolated boxes: NMS may treat them independently but must give
     exactly torchvision's result."""
     gen = torch.Generator().manual_seed(5)
@@ -572,34 +747,12 @@ def test_nms_many_separate_clusters_equals_torchvision():
     scores = torch.rand(boxes.shape[0], generator=gen)
     scores[::9] = 0.5  # ties across groups
     for threshold in (0.3, 0.5, 0.7):
-        assert torch.equal(nms(boxes, scores, threshold), torchvision.ops.nms(boxes, scores, threshold))
-
-
-@pytest.mark.part("nms")
-@pytest.mark.parametrize("iou_threshold", [0.3, 0.5, 0.7])
-def test_class_spec_nms_equals_torchvision(iou_threshold):
-    gen = torch.Generator().manual_seed(1)
-    for trial in range(20):
-        n = int(torch.randint(1, 900, (1,), generator=gen))
-        boxes = _random_boxes(n, gen, 300.0, 80.0)
-        scores = torch.rand(n, generator=gen)
-        class_ids = torch.randint(0, 5, (n,), generator=gen)
-        expected = torchvision.ops.batched_nms(boxes, scores, class_ids, iou_threshold)
-        assert torch.equal(class_spec_nms(boxes, scores, class_ids, iou_threshold), expected)
-    assert class_spec_nms(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long)).numel() == 0
-    # Many classes and boxes: above 1000 boxes batched_nms runs one NMS per class on
-    # the unshifted boxes, which class_spec_nms must match exactly (float64 shifts).
-    # Distinct scores: batched_nms orders tied scores arbitrarily there.
-    for num_classes in (20, 200):
-        boxes = _random_boxes(6000, gen, 200.0, 100.0).clamp(max=224)
-        scores = (torch.randperm(6000, generator=gen).float() + 1) / 6000
-        class_ids = torch.randint(0, num_classes, (6000,), generator=gen)
-        expected = torchvision.ops.batched_nms(boxes, scores, class_ids, iou_threshold)
-        assert torch.equal(class_spec_nms(boxes, scores, class_ids, iou_threshold), expected)
+        check_equal(f"kept indices of 60 separate groups (threshold {threshold})", nms(boxes, scores, threshold),
+                    torchvision.ops.nms(boxes, scores, threshold))
 
 
 ###############################################################################
-# Losses (provided formulas) and the detector's training losses
+# Losses
 ###############################################################################
 
 
@@ -621,66 +774,124 @@ def test_loss_functions_equal_torchvision(reduction):
     assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
-def _reference_losses(model: FCOS, locations, cls_logits, box_deltas, ctr_logits, gt):
-    """FCOS losses with a loop over images and levels and torchvision's loss ops."""
-    num_images = gt.shape[0]
-    loss_cls = loss_box = loss_ctr = 0.0
-    num_fg = 0
-    giou_losses, centernesses = [], []
-    for b in range(num_images):
-        matched = fcos_match_locations_to_gt(locations, STRIDES, gt[b], model.center_sampling_radius)
-        for name, locs in locations.items():
-            m, s = matched[name], STRIDES[name]
-            fg = m[:, 4] >= 0
-            num_fg += int(fg.sum())
-            target = torch.zeros_like(cls_logits[name][b])
-            target[fg, m[fg, 4].long()] = 1.0
-            loss_cls = loss_cls + torchvision.ops.sigmoid_focal_loss(cls_logits[name][b], target, reduction="sum")
-            x, y = locs[fg, 0], locs[fg, 1]
-            ltrb = torch.stack([x - m[fg, 0], y - m[fg, 1], m[fg, 2] - x, m[fg, 3] - y], dim=1)
-            pred = box_deltas[name][b][fg]
-            if model.box_loss == "giou":
-                d = pred.clamp(min=0) * s
-                pred_boxes = torch.stack([x - d[:, 0], y - d[:, 1], x + d[:, 2], y + d[:, 3]], dim=1)
-                giou_losses.append(torchvision.ops.generalized_box_iou_loss(pred_boxes, m[fg, :4]))
-            else:
-                loss_box = loss_box + 0.25 * (pred - ltrb / s).abs().sum()
-            l, t, r, bb = ltrb.unbind(1)
-            centerness = torch.sqrt(torch.minimum(l, r) / torch.maximum(l, r) * torch.minimum(t, bb) / torch.maximum(t, bb))
-            centernesses.append(centerness)
-            loss_ctr = loss_ctr + F.binary_cross_entropy_with_logits(ctr_logits[name][b][fg, 0], centerness, reduction="sum")
-    if model.box_loss == "giou":
-        giou, centerness = torch.cat(giou_losses), torch.cat(centernesses)
-        # Centerness weighting (official FCOS): weights rescaled to mean 1 over the batch.
-        weights = centerness / centerness.mean() if model.centerness_weighted_box_loss else 1.0
-        loss_box = (weights * giou).sum()
-    normalizer = (0.9 * 150.0 + 0.1 * num_fg / num_images) * num_images
-    return {"loss_cls": loss_cls / normalizer, "loss_box": loss_box / normalizer, "loss_ctr": loss_ctr / normalizer}, num_fg
-
-
-@pytest.mark.part("fcos_loss")
-@pytest.mark.parametrize("box_loss,radius,weighted", [("giou", 1.5, True), ("giou", 1.5, False), ("l1", None, True)])
-def test_fcos_losses_equal_reference(box_loss, radius, weighted):
+@pytest.mark.part("provided")
+def test_centerness_floor_is_the_entropy_of_the_targets():
+    """The detector reports the centerness BCE minus the targets' entropy: the floor that
+    the BCE of soft targets reaches when the predictions equal the targets."""
+    targets = torch.tensor([0.0, 0.25, 0.5, 0.9, 1.0])
+    logits = torch.logit(targets.clamp(1e-6, 1 - 1e-6))
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    check_close("entropy of the targets = BCE at the targets", fcos.binary_entropy(targets), bce, atol=1e-4)
+    check_close("entropy of 0.5", fcos.binary_entropy(torch.tensor(0.5)), torch.tensor(math.log(2)))
     torch.manual_seed(0)
-    model = tiny_fcos(num_classes=4, box_loss=box_loss, center_sampling_radius=radius,
-                      centerness_weighted_box_loss=weighted).train()
-    images = torch.randn(3, 3, 128, 96)
-    gt = random_gt(3, 96, num_classes=4, max_boxes=4, seed=2)
-    locations, cls_logits, box_deltas, ctr_logits = model._run_network(images)
-    for name in STRIDES:  # the detector's locations are the cell centres
-        assert torch.equal(locations[name], hand_locations(128, 96)[name])
-    losses = model.compute_losses(locations, cls_logits, box_deltas, ctr_logits, gt)
-    expected, num_fg = _reference_losses(model, locations, cls_logits, box_deltas, ctr_logits, gt)
-    assert num_fg > 0
-    assert set(losses) == {"loss_cls", "loss_box", "loss_ctr"}
-    for key in expected:
-        assert losses[key].dim() == 0
-        assert torch.allclose(losses[key], expected[key], rtol=1e-4, atol=1e-7), key
-    # The EMA of foreground locations per image was updated once from 150.
-    assert torch.allclose(model._normalizer, torch.tensor(0.9 * 150 + 0.1 * num_fg / 3))
+    model = tiny_fcos().train()
+    images = torch.randn(2, 3, 64, 64)
+    gt = random_gt(2, 64, num_classes=3, seed=5)
+    losses = model(images, gt)
+    assert float(losses["loss_ctr"]) >= -1e-6, "above its floor"
 
 
-@pytest.mark.part("fcos_loss")
+@pytest.mark.part("fcos_loss_cls")
+def test_classification_loss_one_hot_targets():
+    logits = torch.tensor([[[0.5, -1.0], [2.0, 0.3], [-0.7, 1.5]], [[0.1, 0.2], [-2.0, 3.0], [1.0, 1.0]]])
+    matched_classes = torch.tensor([[1, -1, 0], [-1, -1, 1]])
+    loss = fcos_classification_loss(logits, matched_classes, alpha=0.25, gamma=2.0)
+    # One-hot targets, all zeros for background (-1).
+    targets = torch.tensor([[[0.0, 1.0], [0.0, 0.0], [1.0, 0.0]], [[0.0, 0.0], [0.0, 0.0], [0.0, 1.0]]])
+    expected = torchvision.ops.sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0, reduction="sum")
+    check_shape("classification loss (a scalar)", loss, ())
+    check_close("focal loss summed over all locations and classes", loss, expected, rtol=1e-5,
+                hint="targets: one-hot of the matched class, all zeros for background (class -1)")
+
+
+@pytest.mark.part("fcos_loss_cls")
+def test_classification_loss_passes_alpha_and_gamma():
+    logits = torch.tensor([[[1.5, -0.5, 0.2]], [[-1.0, 0.7, 2.2]]])
+    matched_classes = torch.tensor([[2], [-1]])
+    targets = torch.tensor([[[0.0, 0.0, 1.0]], [[0.0, 0.0, 0.0]]])
+    for alpha, gamma in ((0.5, 1.0), (-1.0, 0.0)):
+        loss = fcos_classification_loss(logits, matched_classes, alpha=alpha, gamma=gamma)
+        expected = torchvision.ops.sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma, reduction="sum")
+        check_close(f"focal loss with alpha={alpha}, gamma={gamma}", loss, expected, rtol=1e-5)
+    # No foreground at all: only the background terms.
+    none = fcos_classification_loss(logits, torch.full((2, 1), -1), alpha=0.25, gamma=2.0)
+    expected = torchvision.ops.sigmoid_focal_loss(logits, torch.zeros_like(logits), reduction="sum")
+    check_close("focal loss of a batch without foreground", none, expected, rtol=1e-5)
+
+
+BOX_PRED = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 15.0, 25.0], [0.0, 0.0, 4.0, 4.0]])
+BOX_GT = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 20.0, 20.0], [6.0, 6.0, 8.0, 8.0]])
+CTR_LOGITS = torch.tensor([2.0, -1.0, 0.5])
+CTR_TARGETS = torch.tensor([1.0, 0.5, 0.25])
+
+
+@pytest.mark.part("fcos_loss_box")
+def test_box_and_centerness_losses_weighted():
+    loss_box, loss_ctr = fcos_box_and_centerness_losses(BOX_PRED, BOX_GT, CTR_LOGITS, CTR_TARGETS,
+                                                        centerness_weighted=True)
+    giou = torchvision.ops.generalized_box_iou_loss(BOX_PRED, BOX_GT)  # (3,)
+    # Centerness weights divided by their mean (1 + 0.5 + 0.25) / 3 = 7/12: 12/7, 6/7, 3/7.
+    weights = torch.tensor([12 / 7, 6 / 7, 3 / 7])
+    check_shape("box loss (a scalar)", loss_box, ())
+    check_close("centerness-weighted GIoU loss (sum)", loss_box, (weights * giou).sum(), rtol=1e-5,
+                hint="weights = gt_centerness / gt_centerness.mean()")
+    expected_ctr = F.binary_cross_entropy_with_logits(CTR_LOGITS, CTR_TARGETS, reduction="sum")
+    check_close("centerness BCE-with-logits (sum)", loss_ctr, expected_ctr, rtol=1e-5,
+                hint="binary cross-entropy on the logits (not on probabilities), summed")
+
+
+@pytest.mark.part("fcos_loss_box")
+def test_box_and_centerness_losses_unweighted_and_empty():
+    loss_box, loss_ctr = fcos_box_and_centerness_losses(BOX_PRED, BOX_GT, CTR_LOGITS, CTR_TARGETS,
+                                                        centerness_weighted=False)
+    expected = torchvision.ops.generalized_box_iou_loss(BOX_PRED, BOX_GT, reduction="sum")
+    check_close("GIoU loss without weights (sum)", loss_box, expected, rtol=1e-5)
+    # No foreground location in the batch: both losses are 0 (not NaN).
+    empty = torch.zeros(0, 4)
+    for weighted in (True, False):
+        loss_box, loss_ctr = fcos_box_and_centerness_losses(empty, empty, torch.zeros(0), torch.zeros(0),
+                                                            centerness_weighted=weighted)
+        check_close(f"box loss with no foreground (weighted={weighted})", loss_box, torch.tensor(0.0))
+        check_close(f"centerness loss with no foreground (weighted={weighted})", loss_ctr, torch.tensor(0.0))
+
+
+@pytest.mark.part("fcos_normalizer")
+def test_normalizer_starts_at_the_first_batch_then_averages():
+    model = tiny_fcos().train()
+    model.normalizer_momentum = 0.9
+    foreground = torch.zeros(2, 50, dtype=torch.bool)
+    foreground[0, :30] = True
+    foreground[1, :10] = True  # 40 foreground locations in 2 images: 20 per image
+    normalizer = model.update_normalizer(foreground)
+    check_close("EMA after the first batch (its count per image)", model._normalizer, torch.tensor(20.0),
+                hint="the buffer starts negative: take the first batch's count per image")
+    check_close("normaliser after the first batch (EMA * B)", normalizer, torch.tensor(40.0))
+    foreground[1, :40] = True  # 70 in 2 images: 35 per image
+    normalizer = model.update_normalizer(foreground)
+    # 0.9 * 20 + 0.1 * 35 = 21.5 per image, * 2 images.
+    check_close("EMA after the second batch", model._normalizer, torch.tensor(21.5))
+    check_close("normaliser after the second batch", normalizer, torch.tensor(43.0))
+    assert not normalizer.requires_grad, "the normaliser has no gradient"
+
+
+@pytest.mark.part("fcos_normalizer")
+def test_normalizer_in_eval_mode_and_at_least_one():
+    model = tiny_fcos(normalizer_init=100.0).eval()
+    foreground = torch.zeros(3, 20, dtype=torch.bool)
+    normalizer = model.update_normalizer(foreground)
+    check_close("EMA in eval mode (never updated)", model._normalizer, torch.tensor(100.0))
+    check_close("normaliser in eval mode (EMA * B)", normalizer, torch.tensor(300.0))
+    model.train()
+    model.normalizer_momentum = 0.5
+    normalizer = model.update_normalizer(foreground)  # no foreground at all
+    check_close("EMA after a batch without foreground (0.5 * 100 + 0.5 * 0)", model._normalizer, torch.tensor(50.0))
+    fresh = tiny_fcos().train()
+    normalizer = fresh.update_normalizer(torch.zeros(2, 5, dtype=torch.bool))
+    check_close("normaliser of an empty first batch (clamped at 1)", normalizer, torch.tensor(1.0),
+                hint="return max(EMA * B, 1): the losses are divided by it")
+
+
+@pytest.mark.part("provided")
 def test_image_without_objects_and_input_gradients():
     torch.manual_seed(0)
     model = tiny_fcos().train()
@@ -700,7 +911,7 @@ def test_image_without_objects_and_input_gradients():
     assert torch.isfinite(images.grad).all()
 
 
-@pytest.mark.part("fcos_loss")
+@pytest.mark.part("provided")
 def test_float64_training_and_prediction():
     torch.manual_seed(0)
     model = tiny_fcos().double().train()
@@ -713,7 +924,7 @@ def test_float64_training_and_prediction():
     assert detections[0]["boxes"].dtype == torch.float64 and detections[0]["scores"].dtype == torch.float64
 
 
-@pytest.mark.part("fcos_loss")
+@pytest.mark.part("provided")
 def test_autocast_losses_and_boxes_in_float32():
     """Under autocast (bfloat16 on CPU, float16 on GPUs) losses and decoded boxes stay
     float32: pixel areas overflow float16 and lose precision in bfloat16."""
@@ -730,11 +941,11 @@ def test_autocast_losses_and_boxes_in_float32():
     assert detections[0]["boxes"].dtype == torch.float32
 
 
-@pytest.mark.part("fcos_loss")
+@pytest.mark.part("provided")
 def test_normalizer_buffer_checkpoint_resume_and_eval():
     torch.manual_seed(0)
     model = tiny_fcos().train()
-    assert "_normalizer" in model.state_dict() and float(model._normalizer) == 150.0
+    assert "_normalizer" in model.state_dict() and float(model._normalizer) < 0, "not started before training"
     images = torch.randn(2, 3, 64, 64)
     gt = random_gt(2, 64, num_classes=3, seed=3)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -748,7 +959,7 @@ def test_normalizer_buffer_checkpoint_resume_and_eval():
 
     for _ in range(2):
         step(model, optimizer)
-    assert float(model._normalizer) != 150.0
+    assert float(model._normalizer) > 0
     checkpoint = copy.deepcopy({"model": model.state_dict(), "optim": optimizer.state_dict()})
     expected = step(model, optimizer)
 
@@ -770,7 +981,7 @@ def test_normalizer_buffer_checkpoint_resume_and_eval():
     assert torch.equal(resumed._normalizer, before)
 
 
-@pytest.mark.part("fcos_loss")
+@pytest.mark.part("provided")
 def test_cached_features_give_identical_losses_and_gradients():
     """Frozen backbone: training from cached c3/c4/c5 == training on the images."""
     torch.manual_seed(0)
@@ -802,7 +1013,7 @@ def test_cached_features_give_identical_losses_and_gradients():
         assert all(torch.equal(a[k], b[k]) for k in ("boxes", "labels", "scores"))
 
 
-@pytest.mark.part("fcos_loss")
+@pytest.mark.part("provided")
 def test_tiny_model_overfits_two_images():
     torch.manual_seed(0)
     model = FCOS(num_classes=3, fpn_channels=32, stem_channels=[32], pretrained=False).train()
@@ -818,8 +1029,8 @@ def test_tiny_model_overfits_two_images():
     for _ in range(20):
         losses = model(images, gt)
         total = sum(losses.values())
-        # Undo the EMA normalisation (it changes from 150 towards the true foreground
-        # count while training) so that the losses of all steps are comparable.
+        # Undo the EMA normalisation (it follows the foreground count while training)
+        # so that the losses of all steps are comparable.
         totals.append(total.item() * model._normalizer.item() * 2)
         optimizer.zero_grad()
         total.backward()
@@ -832,9 +1043,40 @@ def test_tiny_model_overfits_two_images():
 ###############################################################################
 
 
+def _score(cls_logit: float, ctr_logit: float = 0.0) -> float:
+    return math.sqrt(torch.sigmoid(torch.tensor(cls_logit)) * torch.sigmoid(torch.tensor(ctr_logit)))
+
+
+@pytest.mark.part("fcos_inference")
+def test_level_candidates_hand_computed():
+    # One image, 3 locations, 2 classes; flat index = location * 2 + class.
+    cls_logits = torch.tensor([[[0.0, 2.0], [-1.0, 1.0], [3.0, -2.0]]])
+    ctr_logits = torch.tensor([[[0.0], [2.0], [-1.0]]])
+    scores, location_idx, labels = fcos_level_candidates(cls_logits, ctr_logits, topk=3)
+    # sqrt(sigmoid(cls) * sigmoid(ctr)) with s = sigmoid: (1, 1) = sqrt(s(1) s(2)) = 0.803,
+    # (0, 1) = sqrt(s(2) s(0)) = 0.664, (2, 0) = sqrt(s(3) s(-1)) = 0.506, (0, 0) = 0.5, ...
+    expected_scores = [_score(1.0, 2.0), _score(2.0, 0.0), _score(3.0, -1.0)]
+    check_close("top-3 scores, decreasing", scores, [expected_scores], rtol=1e-5,
+                hint="score = sqrt(sigmoid(class logit) * sigmoid(centerness logit))")
+    check_equal("location index of the top-3 candidates", location_idx, [[1, 0, 2]])
+    check_equal("class of the top-3 candidates", labels, [[1, 1, 0]],
+                hint="the flat index is location * num_classes + class")
+
+
+@pytest.mark.part("fcos_inference")
+def test_level_candidates_batch_and_small_levels():
+    cls_logits = torch.tensor([[[1.0, 0.0, -1.0]], [[-3.0, 4.0, 0.5]]])  # 2 images, 1 location, 3 classes
+    ctr_logits = torch.zeros(2, 1, 1)
+    scores, location_idx, labels = fcos_level_candidates(cls_logits, ctr_logits, topk=1000)
+    check_shape("scores when topk exceeds H*W*C = 3", scores, (2, 3))
+    check_equal("classes per image, by decreasing score", labels, [[0, 1, 2], [1, 2, 0]])
+    check_equal("location indices", location_idx, torch.zeros(2, 3, dtype=torch.long))
+    check_close("scores of image 1", scores[1], [_score(4.0), _score(0.5), _score(-3.0)], rtol=1e-5)
+
+
 def _crafted_predictions(num_images: int = 2):
     """Hand-made head outputs of a 64 x 64 image: p3 8x8, p4 4x4, p5 2x2, 3 classes."""
-    locations = hand_locations(64, 64)
+    locations = image_locations(64, 64)
     hw = {name: locs.shape[0] for name, locs in locations.items()}
     cls_logits = {n: torch.full((num_images, k, 3), -20.0) for n, k in hw.items()}
     box_deltas = {n: torch.ones(num_images, k, 4) for n, k in hw.items()}
@@ -856,41 +1098,41 @@ def _crafted_predictions(num_images: int = 2):
     return locations, cls_logits, box_deltas, ctr_logits
 
 
-def _score(cls_logit: float, ctr_logit: float = 0.0) -> float:
-    return math.sqrt(torch.sigmoid(torch.tensor(cls_logit)) * torch.sigmoid(torch.tensor(ctr_logit)))
-
-
 @pytest.mark.part("fcos_inference")
 def test_inference_on_crafted_predictions():
     torch.manual_seed(0)
     model = tiny_fcos().eval()
     preds = _crafted_predictions()
     dets = model.postprocess(*preds, image_size=(64, 64), score_thresh=0.3, nms_thresh=0.5)
-    assert len(dets) == 2
+    check_equal("number of images with detections", torch.tensor(len(dets)), 2)
     expected_boxes = torch.tensor(
         [[0.0, 0.0, 64.0, 64.0], [20.0, 12.0, 36.0, 28.0], [28.0, 12.0, 44.0, 28.0], [28.0, 12.0, 44.0, 28.0]]
     )
-    assert torch.allclose(dets[0]["boxes"], expected_boxes)
-    assert torch.equal(dets[0]["labels"], torch.tensor([0, 1, 1, 2]))
-    assert dets[0]["labels"].dtype == torch.int64
-    assert torch.allclose(dets[0]["scores"], torch.tensor([_score(4), _score(3), _score(2), _score(1)]))
-    assert torch.allclose(dets[1]["boxes"], torch.tensor([[16.0, 16.0, 32.0, 32.0]]))
-    assert torch.equal(dets[1]["labels"], torch.tensor([2]))
-    assert torch.allclose(dets[1]["scores"], torch.tensor([_score(5, 2)]))
+    check_close("image 0 boxes", dets[0]["boxes"], expected_boxes)
+    check_equal("image 0 labels", dets[0]["labels"], torch.tensor([0, 1, 1, 2]))
+    check_dtype("labels", dets[0]["labels"], torch.int64)
+    check_close("image 0 scores", dets[0]["scores"], torch.tensor([_score(4), _score(3), _score(2), _score(1)]),
+                hint="score = sqrt(sigmoid(class logit) * sigmoid(centerness logit))")
+    check_close("image 1 boxes", dets[1]["boxes"], torch.tensor([[16.0, 16.0, 32.0, 32.0]]))
+    check_equal("image 1 labels", dets[1]["labels"], torch.tensor([2]))
+    check_close("image 1 scores", dets[1]["scores"], torch.tensor([_score(5, 2)]))
 
     # Stricter NMS: the class-1 box with IoU 1/3 goes, the class-2 box stays.
     dets = model.postprocess(*preds, image_size=(64, 64), score_thresh=0.3, nms_thresh=0.3)
-    assert torch.equal(dets[0]["labels"], torch.tensor([0, 1, 2]))
+    check_equal("image 0 labels with NMS at IoU 0.3", dets[0]["labels"], [0, 1, 2])
     # Score threshold above the class-2 box's score (0.605).
     dets = model.postprocess(*preds, image_size=(64, 64), score_thresh=0.62, nms_thresh=0.5)
-    assert torch.equal(dets[0]["labels"], torch.tensor([0, 1, 1])) and torch.equal(dets[1]["labels"], torch.tensor([2]))
+    check_equal("image 0 labels with score threshold 0.62", dets[0]["labels"], [0, 1, 1])
+    check_equal("image 1 labels with score threshold 0.62", dets[1]["labels"], [2])
     # Cap per image, and top-1 candidate per level.
     model.detections_per_image = 2
     dets = model.postprocess(*preds, image_size=(64, 64), score_thresh=0.3, nms_thresh=0.5)
-    assert torch.equal(dets[0]["labels"], torch.tensor([0, 1])) and len(dets[1]["labels"]) == 1
+    check_equal("image 0 labels, 2 detections per image", dets[0]["labels"], [0, 1])
+    check_equal("image 1 detections, 2 per image", torch.tensor(len(dets[1]["labels"])), 1)
     model.detections_per_image, model.topk_candidates = 100, 1
     dets = model.postprocess(*preds, image_size=(64, 64), score_thresh=0.3, nms_thresh=0.5)
-    assert torch.equal(dets[0]["labels"], torch.tensor([0, 1]))
+    check_equal("image 0 labels, top-1 candidate per level", dets[0]["labels"], [0, 1],
+                hint="keep at most topk candidates per level and image")
 
 
 @pytest.mark.part("fcos_inference")
@@ -902,11 +1144,12 @@ def test_inference_batch_equals_single_images():
     for b in range(2):
         single_outputs = [{k: v[b : b + 1] for k, v in d.items()} for d in outputs]
         single = model.postprocess(locations, *single_outputs, image_size=(64, 64), score_thresh=0.3, nms_thresh=0.5)
-        assert len(single) == 1
-        assert all(torch.equal(single[0][k], batched[b][k]) for k in ("boxes", "labels", "scores"))
+        check_equal("detections of one image", torch.tensor(len(single)), 1)
+        for key in ("boxes", "labels", "scores"):
+            check_equal(f"image {b} {key}: alone vs in a batch", single[0][key], batched[b][key])
 
 
-@pytest.mark.part("fcos_inference")
+@pytest.mark.part("provided")
 def test_predict_and_eval_forward_on_random_model():
     torch.manual_seed(0)
     model = tiny_fcos(detections_per_image=50).train()

@@ -22,12 +22,12 @@ needs and nothing an instructor keeps to themselves:
 
 * the modules (student regions replaced), the provided ``a5/`` package and ``compat/``;
 * the notebooks, with outputs, execution counts and execution timestamps removed;
-* the public tests (``tests/``, without ``tests/instructor/``);
+* the public tests (``tests/``, without ``tests/instructor/`` and the hidden ``tests/hidden/``);
 * ``docs/STUDENT_README.md`` as its ``README.md``, a student ``pytest.ini`` (unit tests
   only; the notebooks run with ``--nbval-lax`` on demand), requirements, conftest.
 
 Never copied: ``grading/`` (hidden tests, points, mutations), ``tools/``, ``benchmarks/``,
-``.ci/``, ``tests/instructor/``, the instructor README.
+``.ci/``, ``tests/instructor/``, ``tests/hidden/``, the instructor README.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ import shutil
 import sys
 import textwrap
 from pathlib import Path
-from typing import List, Tuple
+from typing import Iterable, List, Tuple
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,7 @@ VERBATIM = ("requirements.txt", "conftest.py", ".gitignore")
 # Folders copied as they are (packages of provided code, the public tests).
 VERBATIM_DIRS = ("a5", "compat", "tests")
 # Instructor-only material inside the copied folders.
-EXCLUDED = ("instructor",)
+EXCLUDED = ("instructor", "hidden")
 STUDENT_README = Path("docs") / "STUDENT_README.md"
 # The release's pytest.ini: the unit tests only; the notebooks are run on demand.
 STUDENT_PYTEST_INI = """[pytest]
@@ -74,8 +74,15 @@ class MarkerError(ValueError):
     """A malformed solution region (unclosed, nested, or an END without BEGIN)."""
 
 
-def strip_solutions(source: str, filename: str = "<source>") -> Tuple[str, List[str]]:
+def strip_solutions(source: str, filename: str = "<source>", keep: Iterable[str] = ()) -> Tuple[str, List[str]]:
     """Replace every solution region of ``source`` by a TODO block.
+
+    Args:
+        source: Reference source with solution regions.
+        filename: For error messages.
+        keep: Parts whose regions stay as they are (markers removed): a release with
+            only these parts solved, which the instructor tests use to check that each
+            part is graded on its own.
 
     Returns:
         The student source, and the part names of the replaced regions in order.
@@ -83,9 +90,11 @@ def strip_solutions(source: str, filename: str = "<source>") -> Tuple[str, List[
     Raises:
         MarkerError: naming ``filename`` and the line of a malformed region.
     """
+    keep = set(keep)
     out: List[str] = []
     parts: List[str] = []
     open_line = None
+    keeping = False
     for lineno, line in enumerate(source.splitlines(keepends=True), start=1):
         begin, end = BEGIN.match(line), END.match(line)
         if begin:
@@ -93,14 +102,17 @@ def strip_solutions(source: str, filename: str = "<source>") -> Tuple[str, List[
                 raise MarkerError(f"{filename}:{lineno}: BEGIN SOLUTION inside the region opened at line {open_line}")
             open_line = lineno
             indent, part, what = begin["indent"], begin["part"], begin["what"]
+            keeping = part in keep
+            if keeping:
+                continue
             out += todo_lines(indent, part, what)
             out.append(f'{indent}raise NotImplementedError("{part}: not written yet (see the TODO above)")\n')
             parts.append(part)
         elif end:
             if open_line is None:
                 raise MarkerError(f"{filename}:{lineno}: END SOLUTION without a BEGIN SOLUTION")
-            open_line = None
-        elif open_line is None:
+            open_line, keeping = None, False
+        elif open_line is None or keeping:
             out.append(line)
     if open_line is not None:
         raise MarkerError(f"{filename}:{open_line}: BEGIN SOLUTION is never closed")

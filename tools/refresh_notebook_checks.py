@@ -29,13 +29,17 @@ def refresh(path: Path, timeout: int) -> int:
     NotebookClient(notebook, timeout=timeout, kernel_name="python3",
                    resources={"metadata": {"path": str(path.parent.resolve())}}).execute()
     kept = 0
+    for cell in notebook.cells:
+        # Execution timestamps of this run: noise in diffs and in the student release.
+        cell.metadata.pop("execution", None)
     for number, cell in enumerate(c for c in notebook.cells if c.cell_type == "code"):
         cell.execution_count = None
         if cell.source.lstrip().startswith(MARK):
-            # nbval compares only cells that were run: a recorded cell keeps a count.
+            # nbval compares only cells that were run: a recorded cell keeps a count, and
+            # nbformat requires the same count on its execute_result outputs.
             cell.execution_count = number + 1
             for output in cell.outputs:
-                if "execution_count" in output:
+                if output.get("output_type") == "execute_result":
                     output["execution_count"] = number + 1
             text = "".join(o.get("text", "") for o in cell.outputs if o.get("output_type") == "stream")
             if "WRONG" in text:
@@ -43,6 +47,7 @@ def refresh(path: Path, timeout: int) -> int:
             kept += 1
         else:
             cell.outputs = []
+    nbformat.validate(notebook)
     nbformat.write(notebook, path)
     return kept
 
