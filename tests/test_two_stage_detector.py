@@ -538,7 +538,7 @@ def test_deltas_background_neutral_rows_and_inputs_unchanged():
 
 def _rpn_loss_inputs(dtype=torch.float32):
     # 2 images x 3 anchors, flattened indices 0..5. Sampled: fg 0, 4; bg 1, 3; 2 and 5 not.
-    obj_logits = torch.tensor([[LN3, 0.0, 2.0], [0.0, -LN3, 5.0]], dtype=dtype)
+    obj_logits = torch.tensor([[LN3, 0.0, 2.0], [LN3, -LN3, 5.0]], dtype=dtype)
     box_deltas = torch.full((2, 3, 4), 7.0, dtype=dtype)  # unsampled / background: never used
     box_deltas[0, 0] = torch.tensor([1.0, 2.0, 0.0, -1.0])  # fg index 0
     box_deltas[1, 1] = torch.tensor([0.5, 0.0, 0.0, 0.0])  # fg index 4
@@ -554,9 +554,9 @@ def test_rpn_losses_hand_computed():
     check_shape("RPN objectness loss (a scalar)", loss_obj, ())
     check_shape("RPN box loss (a scalar)", loss_box, ())
     # BCE with logits: target 1 -> log(1 + e^-x), target 0 -> log(1 + e^x).
-    # fg logit ln 3 -> log(4/3); fg logit -ln 3 -> log 4; bg logits 0, 0 -> log 2 each.
-    # Sum log(4/3 * 4 * 2 * 2) = log(64/3), divided by batch_size_per_image * B = 4 * 2 = 8.
-    check_close("RPN objectness loss", loss_obj, math.log(64.0 / 3.0) / 8.0,
+    # fg logit ln 3 -> log(4/3); fg logit -ln 3 -> log 4; bg logit 0 -> log 2; bg logit ln 3 -> log 4.
+    # Sum log(4/3 * 4 * 2 * 4) = log(128/3), divided by batch_size_per_image * B = 4 * 2 = 8.
+    check_close("RPN objectness loss", loss_obj, math.log(128.0 / 3.0) / 8.0,
                 hint="sum over the sampled anchors (fg target 1, bg target 0), divided by batch_size_per_image * B")
     # L1 of the fg rows: |0| + |0.5| + |-0.25| + |0| + |0.5| + |0| + |0| + |-0.25| = 1.5, / 8.
     check_close("RPN box loss", loss_box, 1.5 / 8.0,
@@ -572,13 +572,14 @@ def test_rpn_losses_without_foreground_float64_and_gradient():
     loss_obj, loss_box = tsd.rpn_losses(obj_logits, box_deltas, no_fg, bg_idx, torch.zeros(0, 4, dtype=torch.float64),
                                         batch_size_per_image=2)
     check_dtype("RPN objectness loss of float64 inputs", loss_obj, torch.float64)
-    # Two bg logits 0: 2 log 2 / (2 * 2).
-    check_close("RPN objectness loss, background only", loss_obj, 2 * LN2 / 4)
+    # bg logits 0 and ln 3: (log 2 + log 4) / (2 * 2) = 3 log 2 / 4.
+    check_close("RPN objectness loss, background only", loss_obj, 3 * LN2 / 4)
     check_close("RPN box loss without foreground anchors", loss_box, 0.0, atol=0)
     (loss_obj + loss_box).backward()
-    # d/dx BCE = sigmoid(x) - target: 0.5 at the two sampled bg logits, / 4; 0 elsewhere.
+    # d/dx BCE = sigmoid(x) - target, / 4: sigmoid(0) = 1/2 -> 0.125, sigmoid(ln 3) = 3/4 -> 0.1875;
+    # 0 at the anchors that were not sampled.
     check_close("gradient of the objectness loss w.r.t. the logits (sampled anchors only)", obj_logits.grad,
-                [[0.0, 0.125, 0.0], [0.125, 0.0, 0.0]])
+                [[0.0, 0.125, 0.0], [0.1875, 0.0, 0.0]])
     grad = box_deltas.grad
     check_close("gradient of the box loss w.r.t. the deltas (no foreground: none)",
                 torch.zeros_like(box_deltas) if grad is None else grad, torch.zeros_like(box_deltas))
