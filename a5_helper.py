@@ -1446,17 +1446,24 @@ GroundTruths = Dict[str, List[Tuple[str, Sequence[float], bool]]]
 Detections = List[Tuple[str, str, float, Sequence[float]]]
 
 
-def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool = False) -> float:
+def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool = False,
+           exact_tenths: bool = False) -> float:
     """Average precision from a precision/recall curve (detections sorted by score).
 
     use_07_metric=True: VOC2007's 11-point interpolation, the mean over recall
-        thresholds t in {0, 0.1, ..., 1} of the best precision at recall >= t.
+        thresholds t of the best precision at recall >= t (0 when no point reaches t).
+        The thresholds are the devkit's `np.arange(0, 1.1, 0.1)`, as in the code that
+        produced the published numbers and in other toolkits; there 0.3 is
+        0.30000000000000004, so a curve that reaches recall 0.3 exactly does not count
+        at that threshold. `exact_tenths=True` uses exact 0, 0.1, ..., 1 instead (can
+        differ by up to ~0.09 AP on classes with few boxes).
     use_07_metric=False: VOC2010+ "all-point" AP, the exact area under the
         precision envelope (precision made non-increasing from the right).
     """
     if use_07_metric:
         ap = 0.0
-        for t in [i / 10 for i in range(11)]:  # exact tenths (the devkit's arange drifts)
+        thresholds = [i / 10 for i in range(11)] if exact_tenths else np.arange(0.0, 1.1, 0.1)
+        for t in thresholds:
             mask = recall >= t
             ap += (float(np.max(precision[mask])) if mask.any() else 0.0) / 11.0
         return ap
@@ -1485,6 +1492,7 @@ def compute_voc_map(
     iou_threshold: float = 0.5,
     use_07_metric: bool = False,
     return_curves: bool = False,
+    exact_tenths: bool = False,
 ) -> Dict[str, Any]:
     """PASCAL VOC mean average precision, following the devkit's `voc_eval`.
 
@@ -1493,7 +1501,8 @@ def compute_voc_map(
             in original image pixels; list every evaluated image, even without objects.
         detections: `[(image_id, class_name, score, [x1, y1, x2, y2]), ...]`.
         iou_threshold: a detection matches when IoU > threshold (strictly, as the devkit).
-        use_07_metric: 11-point AP (VOC2007) instead of all-point AP (VOC2010+).
+        use_07_metric: 11-point AP (VOC2007) instead of all-point AP (VOC2010+), with
+            the devkit's recall thresholds (see `voc_ap`); `exact_tenths=True` for exact tenths.
 
     Rules: per class, detections are visited by decreasing score; each is matched to
     the ground-truth box it overlaps most in its image. Above the threshold it is a
@@ -1560,7 +1569,7 @@ def compute_voc_map(
         tp_cum, fp_cum = np.cumsum(tp), np.cumsum(fp)
         recall = tp_cum / npos
         precision = tp_cum / np.maximum(tp_cum + fp_cum, np.finfo(np.float64).eps)
-        aps[cls] = voc_ap(recall, precision, use_07_metric) if len(dets) else 0.0
+        aps[cls] = voc_ap(recall, precision, use_07_metric, exact_tenths) if len(dets) else 0.0
         curves[cls] = {"recall": recall.tolist(), "precision": precision.tolist()}
     valid = [ap for ap in aps.values() if not math.isnan(ap)]
     result: Dict[str, Any] = {"mAP": float(np.mean(valid)) if valid else float("nan"), "per_class": aps}
