@@ -32,6 +32,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import socket
 import sys
@@ -40,6 +41,7 @@ import time
 import urllib.parse
 import urllib.request
 import warnings
+import zipfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -894,10 +896,14 @@ def init_distributed(device: Union[str, torch.device] = "auto") -> Tuple[int, in
 
 
 def _rng_state() -> Dict[str, Any]:
+    """All RNG states, in types that `torch.load(weights_only=True)` accepts (tensors,
+    tuples, ints, floats, strings): NumPy's key array is stored as an int64 tensor."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
-        "numpy": np.random.get_state(),
+        "numpy": (str(kind), torch.from_numpy(np.asarray(keys, dtype=np.int64).copy()), int(pos), int(has_gauss),
+                  float(cached)),
         "python": random.getstate(),
     }
 
@@ -906,8 +912,11 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    keys = keys.numpy() if torch.is_tensor(keys) else np.asarray(keys)  # old files: an ndarray
+    np.random.set_state((kind, keys.astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    py_version, py_state, py_gauss = state["python"]
+    random.setstate((py_version, tuple(py_state), py_gauss))
 
 
 @contextlib.contextmanager
@@ -930,15 +939,129 @@ def save_checkpoint(state: Dict[str, Any], path: PathLike) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot (or may not safely) be loaded; the message names it."""
+
+
+def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu", *,
+                    trusted: bool = False) -> Dict[str, Any]:
     """Load a checkpoint written by `train_detector` / the command line.
 
-    It holds RNG states (NumPy arrays, Python tuples), so it is read with
-    `weights_only=False`: only load checkpoints you wrote yourself.
+    Files are read with `torch.load(..., weights_only=True)`, which only rebuilds
+    tensors and plain containers and never runs code from the file: checkpoints exchanged
+    between students and instructors are safe to open. Everything `train_detector`
+    stores (weights, optimizer, RNG states, history, config) is in those types.
+
+    A file that needs arbitrary unpickling (older checkpoints, or files made by other
+    code) is refused with a `CheckpointError`, unless `trusted=True` says that you trust
+    where it comes from (command line: `--trust-checkpoint`). An empty, truncated or
+    non-checkpoint file also raises a `CheckpointError` naming it.
     """
-    if not Path(path).is_file():
+    path = Path(path)
+    if not path.is_file():
         raise FileNotFoundError(f"Checkpoint not found: {path}")
-    return torch.load(path, map_location=map_location, weights_only=False)
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"Checkpoint file {path} is empty (0 bytes): not a checkpoint (an interrupted copy "
+                              "or a full disk?)")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ... by case
+        with open(path, "rb") as f:
+            head = f.read(2)
+        looks_like_torch = zipfile.is_zipfile(path) or head[:1] == b"\x80"
+        if not looks_like_torch:
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint ({size} bytes; {type(err).__name__}: "
+                                  f"{str(err).splitlines()[0] if str(err) else ''}). Truncated, corrupt or another "
+                                  "kind of file?") from err
+        if not trusted:
+            first = str(err).strip().splitlines()
+            detail = next((line for line in first if "Unsupported global" in line or "GLOBAL" in line),
+                          first[0] if first else type(err).__name__)
+            raise CheckpointError(
+                f"Refusing to load {path}: it needs arbitrary unpickling, which can run any code stored in "
+                f"the file ({detail.strip()[:300]}). Checkpoints written by this version load safely. If you "
+                "trust where this file comes from, pass trusted=True (command line: --trust-checkpoint)."
+            ) from err
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=False)
+        except Exception as err2:
+            raise CheckpointError(f"Cannot load checkpoint {path}: {type(err2).__name__}: {err2}") from err2
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path} is not a checkpoint of this project (expected a dict with 'model', "
+                              f"got {type(state).__name__}{' with keys ' + ', '.join(map(str, list(state)[:8])) if isinstance(state, dict) else ''})")
+    return state
+
+
+_NUMBERED_CHECKPOINT = re.compile(r"^ckpt_(\d+)\.pt$")
+
+
+def numbered_checkpoints(checkpoint_dir: PathLike) -> List[Tuple[int, Path]]:
+    """`[(iteration, path), ...]` of the kept `ckpt_<iteration>.pt` files, oldest first."""
+    folder = Path(checkpoint_dir)
+    if not folder.is_dir():
+        return []
+    found = []
+    for child in folder.iterdir():
+        match = _NUMBERED_CHECKPOINT.match(child.name)
+        if match and child.is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Make `dst` a copy of `src` atomically (a hard link when the file system allows)."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _nonfinite_entries(state_dict: Dict[str, torch.Tensor]) -> List[str]:
+    return [k for k, v in state_dict.items()
+            if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def _describe_images(paths: Any, limit: int = 8) -> str:
+    """'a.jpg, b.jpg, ... (N images)' for the paths of a batch."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    try:
+        names = [str(p) for p in paths]
+    except TypeError:
+        return "unknown images"
+    shown = ", ".join(names[:limit]) + (f", ... ({len(names)} images)" if len(names) > limit else "")
+    return shown or "no image names"
+
+
+def _rollback_after_nonfinite(checkpoint_dir: Path, bad_iteration: int, written: Sequence[int],
+                              resumed_from: Optional[int]) -> Optional[Tuple[int, Path]]:
+    """Point `last.pt` at the newest kept checkpoint from before `bad_iteration`.
+
+    Only this run's checkpoints count: those it `written`, and those up to
+    `resumed_from` when it resumed (files of an unrelated earlier run in the folder
+    are left alone). Checkpoints at or after `bad_iteration` hold the state that
+    produced the non-finite values (resuming them would fail again at the same batch):
+    they are renamed `ckpt_<it>.nonfinite.pt` (kept for inspection, never chosen again).
+    Returns `(iteration, path)` of the checkpoint now in `last.pt`, or None.
+    """
+    ours = [(i, p) for i, p in numbered_checkpoints(checkpoint_dir)
+            if i in set(written) or (resumed_from is not None and i <= resumed_from)]
+    for iteration, path in ours:
+        if iteration >= bad_iteration:
+            os.replace(path, path.with_name(f"ckpt_{iteration:07d}.nonfinite.pt"))
+    good = [(i, p) for i, p in ours if i < bad_iteration]
+    if not good:
+        last = checkpoint_dir / "last.pt"
+        if ours and last.is_file():  # the state that produced the NaN must not be resumed by default
+            os.replace(last, checkpoint_dir / f"last.nonfinite_{bad_iteration:07d}.pt")
+        return None
+    iteration, path = good[-1]
+    _link_or_copy(path, checkpoint_dir / "last.pt")
+    return iteration, path
 
 
 def _unwrap_model(model: nn.Module) -> nn.Module:
@@ -978,6 +1101,9 @@ def train_detector(
     val_fn: Optional[Callable[[nn.Module], Dict[str, float]]] = None,
     val_period: Optional[int] = None,
     model_config: Optional[Dict[str, Any]] = None,
+    keep_checkpoints: int = 3,
+    skip_nonfinite: int = 0,
+    trust_checkpoint: bool = False,
 ) -> Dict[str, list]:
     """Train the detector with SGD (momentum 0.9) and return the loss history.
 
@@ -998,12 +1124,21 @@ def train_detector(
             and on CPUs with hardware bfloat16 (AMX / AVX512-BF16), off otherwise.
         amp_dtype: autocast dtype; default `autocast_dtype(device)`: float16 (with a
             GradScaler) on CUDA, bfloat16 on CPU.
-        checkpoint_dir: where `last.pt` is written every `checkpoint_period`
-            iterations and at the end (atomically). It holds model, optimizer,
-            scheduler, scaler, iteration, seed, RNG states, history and `model_config`.
+        checkpoint_dir: where `ckpt_<iteration>.pt` is written every
+            `checkpoint_period` iterations and at the end (atomically), and `last.pt`
+            made the same file. It holds model, optimizer, scheduler, scaler,
+            iteration, seed, RNG states, history and `model_config`, all loadable with
+            `weights_only=True`. A state with non-finite weights is never saved.
+        keep_checkpoints: how many `ckpt_<iteration>.pt` to keep (>= 1, newest first);
+            the older ones let a non-finite loss roll back past the bad state.
         resume: True resumes from `checkpoint_dir/last.pt` if it exists; a path resumes
             from that file. On CPU with a fixed seed the resumed run logs exactly the
             same losses as an uninterrupted one.
+        skip_nonfinite: how many batches whose loss or gradient is NaN / infinite may
+            be skipped (no update; named in a warning and in `history["skipped"]`)
+            before training stops with FloatingPointError. Default 0: stop at the first.
+        trust_checkpoint: allow resuming from a file that needs arbitrary unpickling
+            (see `load_checkpoint`).
         seed: seeds the data order and augmentation; default: drawn from torch's RNG
             (so `reset_seed(n)` beforehand makes training reproducible).
         val_fn: `val_fn(detector) -> dict of metrics`, run (on rank 0) every
@@ -1015,14 +1150,26 @@ def train_detector(
             list per loss term, plus "val" (list of dicts).
 
     Raises:
-        FloatingPointError: when a loss becomes NaN or infinite; the last good state
-            is saved to `checkpoint_dir/last.pt` first.
+        FloatingPointError: when a loss or gradient becomes NaN or infinite (after
+            `skip_nonfinite` skipped batches). The message names the iteration and the
+            batch's images. Nothing is saved at that point: `last.pt` is rolled back to
+            the newest kept checkpoint from *before* that iteration (a later one, or the
+            state just before the bad batch, would fail again at the same batch), so
+            `resume=True` with a lower learning rate or stronger clipping continues from a
+            good state. Checkpoints from that iteration on become `ckpt_<it>.nonfinite.pt`.
 
     Under `torchrun` (WORLD_SIZE > 1) the detector is wrapped in
     DistributedDataParallel (gloo on CPU, NCCL on GPU), each rank reads its own shard
     of every epoch, losses are averaged across ranks for logging, and only rank 0
     prints, saves checkpoints and runs `val_fn`.
     """
+    if int(keep_checkpoints) < 1:
+        raise ValueError(f"keep_checkpoints must be >= 1, not {keep_checkpoints}")
+    if int(skip_nonfinite) < 0:
+        raise ValueError(f"skip_nonfinite must be >= 0, not {skip_nonfinite}")
+    for name, value in (("max_iters", max_iters), ("log_period", log_period), ("checkpoint_period", checkpoint_period)):
+        if int(value) < (0 if name == "max_iters" else 1):
+            raise ValueError(f"{name} must be {'>= 0' if name == 'max_iters' else '>= 1'}, not {value}")
     rank, world, device = init_distributed(device)
     detector.to(device)
     model: nn.Module = detector
@@ -1058,7 +1205,7 @@ def train_detector(
                 print(f"No checkpoint at {resume_path}; starting from scratch.")
             resume_path = None
     if resume_path is not None:
-        ckpt = load_checkpoint(resume_path, map_location=device)
+        ckpt = load_checkpoint(resume_path, map_location=device, trusted=trust_checkpoint)
         detector.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt.get("scaler") or {})
@@ -1116,13 +1263,24 @@ def train_detector(
     def save(iteration: int, rng: Dict[str, Any]) -> None:
         state = make_state(iteration, rng)  # collective under DDP: all ranks call it
         if rank == 0 and ckpt_path is not None:
-            save_checkpoint(state, ckpt_path)
+            bad = _nonfinite_entries(state["model"])
+            if bad:  # never replace a good state with a bad one
+                warnings.warn(f"Not saving the checkpoint of iteration {iteration}: non-finite values in "
+                              f"{', '.join(bad[:5])}; {ckpt_path} keeps the last good state.")
+                return
+            numbered = ckpt_path.parent / f"ckpt_{iteration:07d}.pt"
+            save_checkpoint(state, numbered)
+            written.append(iteration)
+            _link_or_copy(numbered, ckpt_path)
+            for _, old_path in numbered_checkpoints(ckpt_path.parent)[:-int(keep_checkpoints)]:
+                old_path.unlink(missing_ok=True)
 
+    skipped = history.setdefault("skipped", [])
+    written: List[int] = []  # iterations of the checkpoints this call saved
     model.train()
     bar = tqdm(total=max_iters, initial=start_iter, desc="train", dynamic_ncols=True, disable=not progress or rank != 0)
     for it in range(start_iter, max_iters):
-        rng_before = _rng_state() if ckpt_path is not None else None
-        _, images, gt_boxes = next(batches)
+        paths, images, gt_boxes = next(batches)
         images = move_to_device(images, device)
         gt_boxes = gt_boxes.to(device)
 
@@ -1138,23 +1296,51 @@ def train_detector(
             dist.all_reduce(values)
             values /= world
         values = values.tolist()
+        problem = None
         if not all(math.isfinite(v) for v in values):
             terms = ", ".join(f"{k}={v:.4g}" for k, v in zip(losses, values[1:]))
-            where = "no checkpoint_dir was given, nothing saved"
-            if ckpt_path is not None:
-                save(it, rng_before)  # parameters are still those before this iteration
-                where = f"saved the last good state (iteration {it}) to {ckpt_path}"
-            bar.close()
-            raise FloatingPointError(
-                f"Non-finite loss at iteration {it}: total={values[0]:.4g} ({terms}); {where}. "
-                "Try a lower learning rate or stronger gradient clipping."
-            )
+            problem = f"Non-finite loss at iteration {it}: total={values[0]:.4g} ({terms})"
 
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(total_loss).backward()
-        if grad_clip is not None:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        if problem is None:
+            scaler.scale(total_loss).backward()
+            if grad_clip is not None or not scaler.is_enabled():
+                scaler.unscale_(optimizer)
+                # max_norm=inf only measures; the fp16 GradScaler skips inf steps by itself.
+                norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip is not None else float("inf"))
+                if not scaler.is_enabled() and not math.isfinite(float(norm)):
+                    problem = f"Non-finite gradient norm ({float(norm):.4g}) at iteration {it}"
+        if problem is not None:
+            optimizer.zero_grad(set_to_none=True)
+            images_text = _describe_images(paths)
+            if len(skipped) < int(skip_nonfinite):
+                skipped.append({"iteration": it, "images": [str(p) for p in paths] if not isinstance(paths, str) else [paths]})
+                if rank == 0:
+                    warnings.warn(f"{problem}; skipped the batch of images {images_text} "
+                                  f"({len(skipped)} of at most {skip_nonfinite} skips).")
+                scheduler.step()
+                bar.update(1)
+                done = it + 1
+                if ckpt_path is not None and (done % checkpoint_period == 0 or done == max_iters):
+                    save(done, _rng_state())
+                continue
+            where = "no checkpoint_dir was given, nothing saved"
+            if ckpt_path is not None:
+                rolled = None
+                if rank == 0:
+                    rolled = _rollback_after_nonfinite(ckpt_path.parent, it, written,
+                                                       start_iter if resume_path is not None else None)
+                if rolled is not None:
+                    where = (f"{ckpt_path} now holds the last good checkpoint, iteration {rolled[0]} ({rolled[1].name}); "
+                             "nothing was overwritten")
+                else:
+                    where = (f"there is no good checkpoint from before iteration {it} in {ckpt_path.parent}, so "
+                             "nothing was saved (the state just before this batch would fail again at it)")
+            bar.close()
+            raise FloatingPointError(
+                f"{problem}, batch images: {images_text}; {where}. Resume with a lower learning rate or stronger "
+                "gradient clipping, or skip such batches with skip_nonfinite=N (command line: --skip-nonfinite N)."
+            )
         scaler.step(optimizer)
         scaler.update()
         lr = optimizer.param_groups[0]["lr"]
