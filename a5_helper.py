@@ -1943,6 +1943,7 @@ def evaluate_detector(
     amp: bool = False,
     progress: bool = True,
     return_curves: bool = False,
+    exact_tenths: bool = False,
 ) -> Dict[str, Any]:
     """Honest evaluation: batched inference over every image, VOC mAP + COCO cross-check.
 
@@ -1960,7 +1961,8 @@ def evaluate_detector(
         detector, dataset, batch_size, score_thresh, nms_thresh, device, dtype, num_workers, max_detections, amp, progress
     )
     class_names = _class_names_of(_unwrap_subset(dataset)[0])
-    result = compute_voc_map(ground_truths, detections, class_names, iou_threshold, use_07_metric, return_curves)
+    result = compute_voc_map(ground_truths, detections, class_names, iou_threshold, use_07_metric, return_curves,
+                             exact_tenths=exact_tenths)
     nan = float("nan")
     cm = compute_coco_map(ground_truths, detections, class_names) if coco else {"mAP": nan, "AP50": nan, "AP75": nan}
     result.update({"coco_mAP": cm["mAP"], "coco_AP50": cm["AP50"], "coco_AP75": cm["AP75"],
@@ -2309,9 +2311,11 @@ def build_detector(config: Dict[str, Any], pretrained: Optional[bool] = None) ->
     return DETECTOR_BUILDERS[name](**kwargs)
 
 
-def load_detector(checkpoint: PathLike, device: Union[str, torch.device] = "cpu") -> Tuple[nn.Module, Dict[str, Any]]:
-    """Build the detector described by a checkpoint and load its weights."""
-    ckpt = load_checkpoint(checkpoint)
+def load_detector(checkpoint: PathLike, device: Union[str, torch.device] = "cpu", *,
+                  trusted: bool = False) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Build the detector described by a checkpoint and load its weights (safely: see
+    `load_checkpoint` for `trusted`)."""
+    ckpt = load_checkpoint(checkpoint, trusted=trusted)
     config = ckpt.get("config")
     if not config:
         raise ValueError(f"{checkpoint} holds no model config; it was not written by a5_helper's command line")
@@ -2381,12 +2385,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.amp is None:
         args.amp = default_amp(device)  # resolved here so that metrics.json records what ran
 
+    if args.frozen_backbone and not args.pretrained and rank == 0:
+        warnings.warn("--no-pretrained with a frozen backbone: the backbone keeps its random initialisation "
+                      "and never trains, so only the FPN and heads learn (low accuracy). Pass --no-frozen-backbone "
+                      "to train it, or drop --no-pretrained.")
+
     config: Dict[str, Any] = {
         "detector": args.detector,
         "image_size": args.image_size,
         "class_names": VOC_CLASSES,
         "kwargs": {"num_classes": len(VOC_CLASSES), "backbone": args.backbone, "pretrained": args.pretrained,
                    "freeze_backbone": args.frozen_backbone},
+        # The data settings that shape what the model learns (checked by --resume).
+        "data": {"max_train_images": args.max_train_images, "cache_features": bool(args.cache_features),
+                 "cache_variants": args.cache_variants if args.cache_features else None},
     }
     # Widths default to each detector's course configuration (FCOS 128, Faster R-CNN 64).
     if args.fpn_channels is not None:
@@ -2394,11 +2406,39 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.stem_channels is not None:
         config["kwargs"]["stem_channels"] = _int_list(args.stem_channels)
     resume_ckpt = out / "last.pt"
+    existing = sorted(n for n in ("last.pt", "model_final.pt", "metrics.json") if (out / n).is_file())
+    existing += [p.name for _, p in numbered_checkpoints(out)]
+    changed: List[str] = []
+    if not args.resume and existing:
+        if not args.overwrite:
+            raise SystemExit(f"{out} already holds a run ({', '.join(existing)}). Pass --resume to continue it, "
+                             "--overwrite to replace it (its checkpoints are deleted), or another --out.")
+        if rank == 0:
+            for name in existing:
+                (out / name).unlink(missing_ok=True)
+            print(f"--overwrite: deleted {', '.join(existing)} in {out}.")
     if args.resume and resume_ckpt.is_file():
-        stored = load_checkpoint(resume_ckpt).get("config")
+        stored = load_checkpoint(resume_ckpt, trusted=args.trust_checkpoint).get("config")
         if stored:
-            config = stored  # resume the model that was trained, whatever the flags say
+            changed = _config_differences(stored, config)
+            if changed and not args.allow_changed_settings:
+                raise SystemExit(
+                    f"--resume: {resume_ckpt} was trained with other settings (stored -> requested):\n  "
+                    + "\n  ".join(changed)
+                    + "\nRerun with the stored settings, use another --out for a new run, or pass "
+                      "--allow-changed-settings to continue the stored model with the new data settings."
+                )
+            # The architecture cannot change under a checkpoint: the stored model is resumed.
+            # Data settings come from this command line and are recorded as such.
+            config = {**stored, "image_size": config["image_size"], "data": config["data"]}
+            if changed and rank == 0:
+                print("--allow-changed-settings: continuing the stored model "
+                      f"({config['detector']}, {config['kwargs'].get('backbone')}) with: " + "; ".join(changed))
     detector = build_detector(config)
+    if rank == 0:
+        run_record = {"config": config, "command": sys.argv, "resumed": bool(args.resume and resume_ckpt.is_file()),
+                      "changed_settings": changed}
+        (out / "run.json").write_text(json.dumps(_json_safe(run_record), indent=2))
 
     train_set = VOC2007DetectionTiny(args.data_dir, "train", download=args.download, image_size=args.image_size)
     train_set = _first_n(train_set, args.max_train_images)
@@ -2427,6 +2467,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         grad_clip=args.grad_clip if args.grad_clip > 0 else None, checkpoint_dir=out,
         checkpoint_period=args.checkpoint_period, resume=args.resume, seed=args.seed,
         progress=not args.no_progress, model_config=config, amp=args.amp,
+        keep_checkpoints=args.keep_checkpoints, skip_nonfinite=args.skip_nonfinite,
+        trust_checkpoint=args.trust_checkpoint,
     )
     train_seconds = time.time() - start - cache_seconds
     if rank != 0:
@@ -2449,7 +2491,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     }
     (out / "metrics.json").write_text(json.dumps(_json_safe(summary), indent=2))
     lines = [
-        f"detector: {args.detector} ({config['kwargs'].get('backbone')}, frozen={config['kwargs'].get('freeze_backbone')}, "
+        f"detector: {config['detector']} ({config['kwargs'].get('backbone')}, frozen={config['kwargs'].get('freeze_backbone')}, "
         f"cached features={args.cache_features})",
         f"iterations: {args.iters}, batch size {args.batch_size}, image size {args.image_size}, lr {args.lr}",
         f"time: cache {cache_seconds:.0f}s, train {train_seconds:.0f}s, total {total_seconds:.0f}s on {device}",
@@ -2458,6 +2500,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         f"val mAP@0.5 (VOC, all-point): {metrics['mAP']:.4f}",
         f"val COCO mAP@[.5:.95]: {metrics['coco_mAP']:.4f} (AP50 {metrics['coco_AP50']:.4f})",
     ]
+    if changed:
+        lines.insert(1, "resumed with changed settings (--allow-changed-settings): " + "; ".join(changed))
+    if history.get("skipped"):
+        lines.insert(1, f"skipped non-finite batches at iterations {[s['iteration'] for s in history['skipped']]}")
     (out / "summary.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[-3:]))
     print(f"final val mAP: {metrics['mAP']:.4f}")
@@ -2466,14 +2512,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_differences(stored: Dict[str, Any], requested: Dict[str, Any], prefix: str = "") -> List[str]:
+    """`["image_size: 224 -> 64", ...]` for the settings that differ (keys a stored
+    config does not record, from older versions, are not compared)."""
+    lines = []
+    for key in sorted(set(stored) | set(requested)):
+        if key == "class_names" or key not in stored or key not in requested:
+            continue
+        a, b = stored[key], requested[key]
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += _config_differences(a, b, f"{prefix}{key}.")
+        elif (list(a) if isinstance(a, tuple) else a) != (list(b) if isinstance(b, tuple) else b):
+            lines.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return lines
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    detector, config = load_detector(args.checkpoint, device)
+    detector, config = load_detector(args.checkpoint, device, trusted=args.trust_checkpoint)
     dataset = VOC2007DetectionTiny(args.data_dir, args.split, image_size=config.get("image_size", 224), augment=False)
     dataset = _first_n(dataset, args.max_val_images)
     metrics = evaluate_detector(detector, dataset, batch_size=args.batch_size, score_thresh=args.score_thresh,
                                 nms_thresh=args.nms_thresh, device=device, num_workers=args.num_workers,
-                                use_07_metric=args.use_07_metric, progress=not args.no_progress,
+                                use_07_metric=args.use_07_metric, exact_tenths=args.exact_tenths,
+                                progress=not args.no_progress,
                                 return_curves=args.out is not None)
     if args.out:
         out = Path(args.out)
@@ -2489,21 +2551,28 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    detector, config = load_detector(args.checkpoint, device)
+    detector, config = load_detector(args.checkpoint, device, trusted=args.trust_checkpoint)
     class_names = config.get("class_names", VOC_CLASSES)
     idx_to_class = dict(enumerate(class_names))
+    image_size = config.get("image_size", 224)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {}
+    results: Dict[str, Any] = {}
+    skipped: Dict[str, str] = {}
     for path in args.images:
-        image, size = load_image_for_inference(path, config.get("image_size", 224))
+        try:  # one unreadable file must not cost the others their results
+            image, size = load_image_for_inference(path, image_size)
+            with Image.open(path) as im:
+                original = np.array(im.convert("RGB"))
+        except (OSError, RuntimeError, ValueError) as err:
+            skipped[str(path)] = str(err)
+            warnings.warn(f"Skipping {path}: {err}")
+            continue
         with torch.no_grad():
             pred = predict_batch(detector, image[None].to(device), args.score_thresh, args.nms_thresh)[0]
         keep = pred["labels"] >= 0
-        boxes = boxes_to_original(pred["boxes"][keep].float().cpu(), size, config.get("image_size", 224))
+        boxes = boxes_to_original(pred["boxes"][keep].float().cpu(), size, image_size)
         labels, scores = pred["labels"][keep].cpu(), pred["scores"][keep].float().cpu()
-        with Image.open(path) as im:
-            original = np.array(im.convert("RGB"))
         rows = torch.cat([boxes, labels[:, None].float(), scores[:, None]], dim=1)
         target = out / f"{Path(path).stem}_pred.png"
         detection_visualizer(original, idx_to_class, pred=rows, save_path=target)
@@ -2511,7 +2580,83 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                               for b, c, s in zip(boxes.tolist(), labels.tolist(), scores.tolist())]
         print(f"{path}: {len(results[str(path)])} detections -> {target}")
     (out / "predictions.json").write_text(json.dumps(results, indent=2))
+    if skipped:
+        (out / "skipped.json").write_text(json.dumps(skipped, indent=2))
+        print(f"{len(skipped)} of {len(args.images)} images could not be read (listed in {out / 'skipped.json'}); "
+              f"predictions for the other {len(results)} are in {out / 'predictions.json'}.", file=sys.stderr)
+        return 1
     return 0
+
+
+# --------------------------------------------------------------------------------------
+# Command-line value checks: argparse reports "argument --OPTION: <message>" and exits 2.
+# --------------------------------------------------------------------------------------
+
+
+def _int_at_least(minimum: int, what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+        return value
+
+    parse.__name__ = what
+    return parse
+
+
+_positive_int = _int_at_least(1, "a positive integer")
+_nonnegative_int = _int_at_least(0, "an integer >= 0")
+
+
+def _float_in(low: float, high: float, low_open: bool = False, what: str = "") -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    parse.__name__ = what
+    return parse
+
+
+_positive_float = _float_in(0.0, math.inf, low_open=True, what="a positive number")
+_nonnegative_float = _float_in(0.0, math.inf, what="a number >= 0")
+_unit_float = _float_in(0.0, 1.0, what="a number in [0, 1]")
+
+
+def _image_size_arg(text: str) -> int:
+    value = _int_at_least(32, "an integer >= 32")(text)
+    if value % 8:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 8 (the backbone's finest stride), got {value}")
+    return value
+
+
+def _channels_arg(text: str) -> str:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return text
+
+
+def _variants_arg(text: str) -> str:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected at least one of orig, flip, jitter<k>, got {text!r}")
+    bad = [n for n in names if n not in ("orig", "flip") and not (n.startswith("jitter") and n[6:].isdigit())]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown variant {bad[0]!r}: use orig, flip or jitter<k> (k = 0, 1, ...)")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"a variant is listed twice in {text!r}")
+    return ",".join(names)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -2528,12 +2673,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="VOC data folder (VOCdevkit layout and/or voc07_*.json); default: $VOC_ROOT, "
                             "else ../shared/data next to the repository if it exists, else ./data")
         p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
-        p.add_argument("--num-workers", type=int, default=min(2, os.cpu_count() or 1),
+        p.add_argument("--num-workers", type=_nonnegative_int, default=min(2, os.cpu_count() or 1),
                        help="data-loading worker processes")
-        p.add_argument("--score-thresh", type=float, default=0.05, help="score threshold for evaluation detections")
-        p.add_argument("--nms-thresh", type=float, default=0.5, help="NMS IoU threshold at inference")
+        p.add_argument("--score-thresh", type=_unit_float, default=0.05, help="score threshold for evaluation detections")
+        p.add_argument("--nms-thresh", type=_unit_float, default=0.5, help="NMS IoU threshold at inference")
         p.add_argument("--no-progress", action="store_true", help="plain log lines instead of progress bars")
-        p.add_argument("--threads", type=int, default=0,
+        p.add_argument("--threads", type=_nonnegative_int, default=0,
                        help="torch CPU threads (0: torch's default); 1 is often faster on a busy machine")
 
     t = sub.add_parser("train", help="train a detector, evaluate it on val, write plots and metrics",
@@ -2549,40 +2694,52 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--cache-features", action=argparse.BooleanOptionalAction, default=None,
                    help="with --frozen-backbone: compute backbone features once per training image and variant, "
                         "then train from them instead of images. Default: on with --frozen-backbone")
-    t.add_argument("--cache-variants", default=",".join(CPU_RECIPE_CACHE_VARIANTS),
+    t.add_argument("--cache-variants", type=_variants_arg, default=",".join(CPU_RECIPE_CACHE_VARIANTS),
                    help="comma-separated image variants to cache: orig, flip, jitter0, jitter1, ...")
     t.add_argument("--cache-dir", default=None,
                    help="folder for an on-disk feature cache reused by later runs (default: in memory)")
-    t.add_argument("--iters", type=int, default=CPU_RECIPE_ITERS,
+    t.add_argument("--iters", type=_positive_int, default=CPU_RECIPE_ITERS,
                    help="training iterations (the CPU recipe; the course schedule on a GPU is 9000)")
-    t.add_argument("--batch-size", type=int, default=16, help="images per iteration (per process under torchrun)")
-    t.add_argument("--eval-batch-size", type=int, default=None, help="images per inference batch (default: --batch-size)")
-    t.add_argument("--image-size", type=int, default=224, help="images are resized to a square of this side")
-    t.add_argument("--lr", type=float, default=None,
+    t.add_argument("--batch-size", type=_positive_int, default=16, help="images per iteration (per process under torchrun)")
+    t.add_argument("--eval-batch-size", type=_positive_int, default=None, help="images per inference batch (default: --batch-size)")
+    t.add_argument("--image-size", type=_image_size_arg, default=224, help="images are resized to a square of this side")
+    t.add_argument("--lr", type=_positive_float, default=None,
                    help="peak learning rate (SGD, momentum 0.9). Default: the CPU recipe's, "
                         + ", ".join(f"{k} {v:g}" for k, v in CPU_RECIPE_LR.items()))
-    t.add_argument("--weight-decay", type=float, default=1e-4, help="L2 weight decay")
+    t.add_argument("--weight-decay", type=_nonnegative_float, default=1e-4, help="L2 weight decay")
     t.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="mixed precision training (float16 autocast on CUDA, bfloat16 on CPU). Default: on for "
                         "CUDA and for CPUs with hardware bfloat16 (AMX / AVX512-BF16, ~1.8x faster there)")
     t.add_argument("--lr-schedule", choices=["step", "cosine"], default="cosine",
                    help="decay after warm-up: x0.1 at 60%% and 90%% (step) or cosine")
-    t.add_argument("--warmup-iters", type=int, default=None, help="linear warm-up length (default: min(500, iters/10))")
-    t.add_argument("--grad-clip", type=float, default=10.0, help="max gradient norm (0 disables)")
-    t.add_argument("--fpn-channels", type=int, default=None,
+    t.add_argument("--warmup-iters", type=_nonnegative_int, default=None, help="linear warm-up length (default: min(500, iters/10))")
+    t.add_argument("--grad-clip", type=_nonnegative_float, default=10.0, help="max gradient norm (0 disables)")
+    t.add_argument("--fpn-channels", type=_positive_int, default=None,
                    help="FPN output channels (default: the course's, 128 for FCOS, 64 for Faster R-CNN)")
-    t.add_argument("--stem-channels", default=None,
+    t.add_argument("--stem-channels", type=_channels_arg, default=None,
                    help="comma-separated channels of the head stem convs (default: 128,128 for FCOS, 64,64 for "
                         "Faster R-CNN)")
     t.add_argument("--out", default=None,
                    help="output folder for checkpoints, metrics.json, plots, summary.txt (default: runs/DETECTOR)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
-    t.add_argument("--checkpoint-period", type=int, default=500, help="save OUT/last.pt every N iterations")
-    t.add_argument("--log-period", type=int, default=20, help="log the losses every N iterations")
-    t.add_argument("--max-train-images", type=int, default=None, help="use only the first N training images")
-    t.add_argument("--max-val-images", type=int, default=None, help="evaluate on the first N val images only")
+    t.add_argument("--checkpoint-period", type=_positive_int, default=500, help="save OUT/last.pt every N iterations")
+    t.add_argument("--log-period", type=_positive_int, default=20, help="log the losses every N iterations")
+    t.add_argument("--max-train-images", type=_positive_int, default=None, help="use only the first N training images")
+    t.add_argument("--max-val-images", type=_positive_int, default=None, help="evaluate on the first N val images only")
     t.add_argument("--seed", type=int, default=0, help="random seed (data order, augmentation, initialisation)")
     t.add_argument("--download", action="store_true", help="download VOC2007 into --data-dir if it is missing")
+    # Faults: existing runs, changed settings, NaN, checkpoint trust (see README "After a crash ...").
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace an existing run in OUT (its checkpoints are deleted) instead of refusing")
+    t.add_argument("--allow-changed-settings", action="store_true",
+                   help="with --resume: continue even if the model or data settings differ from the stored run "
+                        "(the stored model is kept; the new data settings are used and recorded)")
+    t.add_argument("--skip-nonfinite", type=_nonnegative_int, default=0,
+                   help="skip up to N batches whose loss or gradient is NaN/inf (named in a warning) before stopping")
+    t.add_argument("--keep-checkpoints", type=_positive_int, default=3,
+                   help="how many OUT/ckpt_<iteration>.pt to keep (a NaN rolls last.pt back to the newest good one)")
+    t.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow --resume from a file that needs arbitrary unpickling (only for files you trust)")
     common(t)
     t.set_defaults(func=_cmd_train)
 
@@ -2590,10 +2747,14 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     e.add_argument("--checkpoint", required=True, help="last.pt or model_final.pt written by `train`")
     e.add_argument("--split", default="val", help="dataset split to evaluate")
-    e.add_argument("--batch-size", type=int, default=16, help="images per inference batch")
-    e.add_argument("--max-val-images", type=int, default=None, help="evaluate on the first N images only")
+    e.add_argument("--batch-size", type=_positive_int, default=16, help="images per inference batch")
+    e.add_argument("--max-val-images", type=_positive_int, default=None, help="evaluate on the first N images only")
     e.add_argument("--use-07-metric", action="store_true", help="11-point AP (VOC2007) instead of all-point")
     e.add_argument("--out", default=None, help="also write metrics.json and plots here")
+    e.add_argument("--exact-tenths", action="store_true",
+                   help="with --use-07-metric: exact recall thresholds 0, 0.1, ..., 1 instead of the devkit's arange")
+    e.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow a checkpoint that needs arbitrary unpickling (can run code: only files you trust)")
     common(e)
     e.set_defaults(func=_cmd_eval)
 
@@ -2602,10 +2763,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="last.pt or model_final.pt written by `train`")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--out", default="predictions", help="folder for annotated images and predictions.json")
-    p.add_argument("--score-thresh", type=float, default=0.3, help="minimum detection score to draw")
-    p.add_argument("--nms-thresh", type=float, default=0.5, help="NMS IoU threshold")
+    p.add_argument("--score-thresh", type=_unit_float, default=0.3, help="minimum detection score to draw")
+    p.add_argument("--nms-thresh", type=_unit_float, default=0.5, help="NMS IoU threshold")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=_nonnegative_int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow a checkpoint that needs arbitrary unpickling (can run code: only files you trust)")
     p.set_defaults(func=_cmd_predict)
     return parser
 
@@ -2616,6 +2779,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         return args.func(args)
+    except (CheckpointError, FileNotFoundError) as err:  # a bad file: its name, no traceback
+        print(f"a5_helper.py {args.command}: error: {err}", file=sys.stderr)
+        return 2
     finally:
         if dist.is_available() and dist.is_initialized() and "TORCHELASTIC_RUN_ID" in os.environ:
             dist.destroy_process_group()

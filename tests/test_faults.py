@@ -194,3 +194,200 @@ def test_checkpoints_rotate_and_a_new_run_does_not_touch_old_ones(tmp_path):
     assert (tmp_path / "ckpt_0000008.pt").read_bytes() == before
     with pytest.raises(ValueError, match="keep_checkpoints"):
         _train(Runaway(1e9), Pixels(), tmp_path / "x", keep_checkpoints=0)
+
+
+# --------------------------------------------------------------------------------------
+# Command line: every number is checked by argparse, with the option's name
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_builder(monkeypatch):
+    monkeypatch.setitem(h.DETECTOR_BUILDERS, "tiny", lambda **kw: TinyDetector(
+        num_classes=kw.get("num_classes", 20), freeze_backbone=kw.get("freeze_backbone", False)))
+
+
+def _common(voc):
+    return ["--data-dir", str(voc), "--num-workers", "0", "--no-progress", "--device", "cpu"]
+
+
+def _train_args(voc, out, *extra):
+    return ["train", "--detector", "tiny", "--iters", "2", "--batch-size", "2", "--image-size", "64",
+            "--out", str(out), "--max-val-images", "2", "--checkpoint-period", "1", *_common(voc), *extra]
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--iters", "-5"), ("--iters", "0"), ("--checkpoint-period", "0"), ("--log-period", "0"),
+    ("--image-size", "0"), ("--image-size", "100"), ("--cache-variants", ","), ("--cache-variants", "orig,blur"),
+    ("--max-train-images", "0"), ("--max-val-images", "0"), ("--batch-size", "0"), ("--lr", "-1"),
+    ("--lr", "nan"), ("--grad-clip", "-1"), ("--num-workers", "-1"), ("--score-thresh", "1.5"),
+    ("--stem-channels", "64,0"), ("--warmup-iters", "-1"), ("--skip-nonfinite", "-1"), ("--keep-checkpoints", "0"),
+])
+def test_cli_rejects_bad_numbers_naming_the_option(tiny_voc, tmp_path, capsys, tiny_builder, option, value):
+    with pytest.raises(SystemExit) as exc:
+        h.main(_train_args(tiny_voc, tmp_path / "run", option, value))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: " in err and any(w in err for w in ("must be", "expected", "unknown variant"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_eval_and_predict_reject_bad_numbers(tmp_path, capsys):
+    for argv in (["eval", "--checkpoint", "x.pt", "--batch-size", "0"],
+                 ["predict", "--checkpoint", "x.pt", "a.jpg", "--score-thresh", "-0.1"]):
+        with pytest.raises(SystemExit):
+            h.main(argv)
+        assert "argument --" in capsys.readouterr().err
+
+
+def test_no_pretrained_frozen_backbone_warns(tiny_voc, tmp_path, tiny_builder):
+    with pytest.warns(UserWarning, match="no-pretrained.*frozen"):
+        assert h.main(_train_args(tiny_voc, tmp_path / "r", "--no-pretrained", "--frozen-backbone")) == 0
+
+
+# --------------------------------------------------------------------------------------
+# Run folders: --resume checks the settings; an existing run is never overwritten silently
+# --------------------------------------------------------------------------------------
+
+
+def test_resume_refuses_changed_settings_and_shows_the_difference(tiny_voc, tmp_path, tiny_builder, capsys,
+                                                                 monkeypatch):
+    out = tmp_path / "run"
+    assert h.main(_train_args(tiny_voc, out)) == 0
+    stamp = (out / "last.pt").read_bytes()
+    monkeypatch.setitem(h.DETECTOR_BUILDERS, "tiny2", h.DETECTOR_BUILDERS["tiny"])
+    for change, shown in ((["--detector", "tiny2"], "detector: 'tiny' -> 'tiny2'"),
+                          (["--image-size", "96"], "image_size: 64 -> 96"),
+                          (["--max-train-images", "3"], "max_train_images: None -> 3")):
+        args = _train_args(tiny_voc, out, "--resume", "--iters", "3")
+        args = [a for a in args] + change
+        with pytest.raises(SystemExit) as exc:
+            h.main(args)
+        assert shown in str(exc.value) and "--allow-changed-settings" in str(exc.value)
+        assert (out / "last.pt").read_bytes() == stamp  # nothing touched
+    # Told otherwise: the stored model continues with the new data, and the record says so.
+    assert h.main(_train_args(tiny_voc, out, "--resume", "--iters", "3", "--image-size", "96",
+                              "--allow-changed-settings")) == 0
+    summary = (out / "summary.txt").read_text()
+    assert "image_size: 64 -> 96" in summary and "image size 96" in summary
+    assert h.load_checkpoint(out / "last.pt")["config"]["image_size"] == 96
+    assert json.loads((out / "run.json").read_text())["changed_settings"] == ["image_size: 64 -> 96"]
+
+
+def test_train_into_existing_run_refuses_without_resume_or_overwrite(tiny_voc, tmp_path, tiny_builder, capsys):
+    out = tmp_path / "run"
+    assert h.main(_train_args(tiny_voc, out)) == 0
+    final = (out / "model_final.pt").read_bytes()
+    with pytest.raises(SystemExit) as exc:
+        h.main(_train_args(tiny_voc, out, "--seed", "5"))
+    assert "already holds a run" in str(exc.value) and "--overwrite" in str(exc.value)
+    assert (out / "model_final.pt").read_bytes() == final
+    assert h.main(_train_args(tiny_voc, out, "--seed", "5", "--overwrite")) == 0
+    assert (out / "model_final.pt").read_bytes() != final
+    assert h.load_checkpoint(out / "last.pt")["seed"] == 5
+
+
+def test_cli_skip_nonfinite_and_keep_checkpoints_reach_the_loop(tiny_voc, tmp_path, monkeypatch):
+    def nan_once(**kw):
+        det = TinyDetector(num_classes=kw.get("num_classes", 20), freeze_backbone=kw.get("freeze_backbone", False))
+        det.nan_at = 2
+        return det
+
+    monkeypatch.setitem(h.DETECTOR_BUILDERS, "tiny", nan_once)
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match="iteration 1"):
+        assert h.main(_train_args(tiny_voc, out, "--iters", "4", "--skip-nonfinite", "1",
+                                  "--keep-checkpoints", "2")) == 0
+    assert [i for i, _ in h.numbered_checkpoints(out)] == [3, 4]
+    assert "skipped non-finite batches at iterations [1]" in (out / "summary.txt").read_text()
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoint files: loaded safely (weights_only), bad files named
+# --------------------------------------------------------------------------------------
+
+
+class Boom:
+    """Unpickling this runs code (here it only writes a marker file)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "code ran"))
+
+
+def test_checkpoint_needing_arbitrary_unpickling_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"model": {}, "config": {"detector": "tiny"}, "payload": Boom(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(h.CheckpointError, match=r"evil\.pt.*arbitrary unpickling.*trust"):
+        h.load_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()
+    h.load_checkpoint(tmp_path / "evil.pt", trusted=True)  # the user said they trust it
+    assert marker.exists()
+
+
+def test_training_checkpoints_load_with_weights_only(tmp_path):
+    _train(Runaway(1e9), Pixels(), tmp_path, max_iters=2, learning_rate=0.1)
+    state = torch.load(tmp_path / "last.pt", weights_only=True)  # RNG states, history, config: all safe types
+    assert state["iteration"] == 2 and isinstance(state["rng"]["numpy"][1], torch.Tensor)
+    np.random.seed(3)
+    before = h._rng_state()
+    a = np.random.rand(3)
+    h._set_rng_state(before)
+    assert np.array_equal(a, np.random.rand(3))
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"", "empty"), (b"hello, not a checkpoint\n", "not a PyTorch checkpoint"), ("truncated", "not a PyTorch checkpoint"),
+    ("tensor", "not a checkpoint of this project"),
+])
+def test_bad_checkpoint_files_are_named(tmp_path, capsys, content, expected):
+    path = tmp_path / "model.pt"
+    if content == "truncated":
+        torch.save({"model": {"w": torch.zeros(1000)}}, path)
+        path.write_bytes(path.read_bytes()[:300])
+    elif content == "tensor":
+        torch.save(torch.zeros(3), path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(h.CheckpointError, match=expected) as err:
+        h.load_checkpoint(path)
+    assert str(path) in str(err.value)
+    assert h.main(["eval", "--checkpoint", str(path), "--device", "cpu"]) == 2
+    err_text = capsys.readouterr().err
+    assert str(path) in err_text and expected in err_text
+
+
+def test_eval_refuses_unsafe_checkpoint_unless_trusted(tiny_voc, tmp_path, tiny_builder, capsys):
+    out = tmp_path / "run"
+    assert h.main(_train_args(tiny_voc, out)) == 0
+    state = torch.load(out / "model_final.pt", weights_only=True)
+    state["extra"] = np.float64(1.0)  # a NumPy scalar needs the full unpickler
+    torch.save(state, tmp_path / "old.pt")
+    eval_args = ["eval", "--checkpoint", str(tmp_path / "old.pt"), "--max-val-images", "2", *_common(tiny_voc)]
+    assert h.main(eval_args) == 2
+    assert "arbitrary unpickling" in capsys.readouterr().err
+    assert h.main(eval_args + ["--trust-checkpoint"]) == 0
+
+
+# --------------------------------------------------------------------------------------
+# predict: an unreadable file is skipped with a warning, the others get their results
+# --------------------------------------------------------------------------------------
+
+
+def test_predict_skips_unreadable_files_and_writes_the_rest(tiny_voc, tmp_path, tiny_builder, capsys):
+    out = tmp_path / "run"
+    assert h.main(_train_args(tiny_voc, out)) == 0
+    good = [str(tiny_voc / f"VOCdevkit/VOC2007/JPEGImages/00000{i}.jpg") for i in (1, 2)]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    missing = str(tmp_path / "missing.jpg")
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        rc = h.main(["predict", "--checkpoint", str(out / "model_final.pt"), good[0], str(broken), missing, good[1],
+                     "--out", str(tmp_path / "pred"), "--score-thresh", "0.0", "--device", "cpu"])
+    assert rc == 1
+    preds = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    assert sorted(preds) == sorted(good)
+    skipped = json.loads((tmp_path / "pred" / "skipped.json").read_text())
+    assert sorted(skipped) == sorted([str(broken), missing])
