@@ -43,6 +43,7 @@ import urllib.request
 import warnings
 import zipfile
 import xml.etree.ElementTree as ET
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -1386,7 +1387,60 @@ def train_detector(
 # ======================================================================================
 
 FEATURE_LEVELS = ("c3", "c4", "c5")
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: image content hashes in the key, per-file checksums
+_CACHE_FILES = tuple(f"{level}.npy" for level in FEATURE_LEVELS) + ("gt_boxes.npy",)
+
+
+def _file_crc32(path: Path, chunk: int = 1 << 24) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            crc = zlib.crc32(block, crc)
+    return f"{crc:08x}"
+
+
+def _image_fingerprints(paths: Sequence[str], previous: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """`{path: [size, mtime_ns, sha1 of the content]}` for the image files.
+
+    Fast path: a file whose size and modification time match `previous` keeps its
+    recorded hash; any other file is read and hashed, so an image replaced under the
+    same name changes the cache key even when its size is the same."""
+    previous = previous or {}
+    result: Dict[str, Any] = {}
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            result[path] = None  # not a file (a synthetic dataset): the key covers its description only
+            continue
+        old = previous.get(path)
+        if old and old[0] == st.st_size and old[1] == st.st_mtime_ns:
+            result[path] = list(old)
+            continue
+        h = hashlib.sha1()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        result[path] = [st.st_size, st.st_mtime_ns, h.hexdigest()]
+    return result
+
+
+def _check_cache_files(cache_path: Path, checksums: Dict[str, Any]) -> Optional[str]:
+    """None if every cache file has its recorded size and checksum, else what is wrong
+    (naming the file)."""
+    if not checksums:
+        return f"{cache_path / 'meta.json'} records no checksums"
+    for name in _CACHE_FILES:
+        path = cache_path / name
+        want = checksums.get(name) or {}
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != want.get("size"):
+            return f"{path} has {size} bytes, expected {want.get('size')} (truncated or overwritten)"
+        if _file_crc32(path) != want.get("crc32"):
+            return f"{path} does not match its checksum (corrupt)"
+    return None
 
 
 def _backbone_of(module: nn.Module) -> nn.Module:
@@ -1491,10 +1545,12 @@ collate_cached = CachedFeatureDataset.collate_fn
 
 
 def _cache_key(backbone: nn.Module, dataset: Dataset, base_indices: List[int], variants: Sequence[str],
-               storage_dtype: torch.dtype, seed: int) -> Dict[str, Any]:
+               storage_dtype: torch.dtype, seed: int, fingerprints: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     items = [getattr(dataset, "instances", [None] * (max(base_indices) + 1))[i] for i in base_indices]
     items_hash = hashlib.sha1(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()
+    contents = [fp[2] if fp else None for fp in (fingerprints or {}).values()]
     return {
+        "content_hash": hashlib.sha1(json.dumps(contents).encode()).hexdigest(),
         "version": _CACHE_VERSION,
         "backbone_name": str(getattr(backbone, "backbone_name", type(backbone).__name__)),
         "weights_name": str(getattr(backbone, "weights_name", "unknown")),
@@ -1536,8 +1592,12 @@ def build_feature_cache(
             per level plus `gt_boxes.npy` and `meta.json`, reused by later runs when the
             key matches. The key covers backbone name, weights name, a hash of the
             backbone weights, image size, transform, variants, storage dtype and the
-            list of images; a mismatched or incomplete cache is rebuilt
-            (`on_mismatch="rebuild"`) or refused (`on_mismatch="error"`), never reused.
+            list of images with a hash of each image file's content (re-read only when a
+            file's size or modification time changed), so an image replaced under the
+            same name is noticed. `meta.json` records each cache file's size and CRC32,
+            checked on every load. A mismatched, incomplete, truncated or corrupt cache
+            is named and rebuilt (`on_mismatch="rebuild"`) or refused
+            (`on_mismatch="error"`), never reused.
         storage_dtype: torch.float16 (default, half the memory) or torch.float32.
 
     Returns: a CachedFeatureDataset.
@@ -1557,27 +1617,48 @@ def build_feature_cache(
     if not hasattr(base, "get_variant"):
         raise TypeError("dataset must provide get_variant(index, variant) (VOC2007DetectionTiny does)")
     variants = list(variants)
+    if not variants:
+        raise ValueError("variants must name at least one of 'orig', 'flip', 'jitter<k>'")
     N, V = len(base_indices), len(variants)
-    key = _cache_key(fpn_backbone, base, base_indices, variants, storage_dtype, seed)
     paths = [base.instances[i][0] for i in base_indices] if hasattr(base, "instances") else [str(i) for i in base_indices]
     np_dtype = np.float16 if storage_dtype == torch.float16 else np.float32
 
     cache_path = Path(cache_dir) if cache_dir is not None else None
+    meta: Dict[str, Any] = {}
     if cache_path is not None and (cache_path / "meta.json").is_file():
         try:
             meta = json.loads((cache_path / "meta.json").read_text())
         except json.JSONDecodeError:
-            meta = {}
-        if meta.get("complete") and meta.get("key") == key:
-            feats = {k: np.load(cache_path / f"{k}.npy", mmap_mode="r") for k in FEATURE_LEVELS}
-            gt = torch.from_numpy(np.load(cache_path / "gt_boxes.npy"))
-            if progress:
-                print(f"Loaded feature cache from {cache_path} ({N} images x {V} variants).")
-            return CachedFeatureDataset(feats, gt, paths, variants, meta)
-        old = meta.get("key") or {}
-        diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
-        reason = "it is incomplete" if not meta.get("complete") else f"it differs in {', '.join(diff)}"
-        message = f"Feature cache at {cache_path} does not match this backbone/dataset ({reason})"
+            meta = {"corrupt": True}
+    fingerprints = _image_fingerprints(paths, meta.get("files") if cache_path is not None else None)
+    key = _cache_key(fpn_backbone, base, base_indices, variants, storage_dtype, seed, fingerprints)
+    if cache_path is not None and (cache_path / "meta.json").is_file():
+        problem = None
+        if meta.get("corrupt"):
+            problem = f"{cache_path / 'meta.json'} is not valid JSON (corrupt)"
+        elif meta.get("complete") and meta.get("key") == key:
+            problem = _check_cache_files(cache_path, meta.get("checksums") or {})
+            if problem is None:
+                try:
+                    feats = {k: np.load(cache_path / f"{k}.npy", mmap_mode="r") for k in FEATURE_LEVELS}
+                    gt = torch.from_numpy(np.load(cache_path / "gt_boxes.npy"))
+                except (ValueError, OSError, EOFError) as err:
+                    problem = f"a file under {cache_path} cannot be read ({err})"
+                else:
+                    if progress:
+                        print(f"Loaded feature cache from {cache_path} ({N} images x {V} variants).")
+                    return CachedFeatureDataset(feats, gt, paths, variants, meta)
+        if problem is not None:
+            message = f"Feature cache at {cache_path} is damaged: {problem}"
+        else:
+            old = meta.get("key") or {}
+            diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
+            reason = "it is incomplete" if not meta.get("complete") else f"it differs in {', '.join(diff)}"
+            if "content_hash" in diff and isinstance(meta.get("files"), dict):
+                changed = [p for p, fp in fingerprints.items() if fp and (meta["files"].get(p) or [None] * 3)[2] != fp[2]]
+                if changed:
+                    reason += f"; changed images: {', '.join(changed[:5])}" + (" ..." if len(changed) > 5 else "")
+            message = f"Feature cache at {cache_path} does not match this backbone/dataset ({reason})"
         if on_mismatch == "error":
             raise RuntimeError(message + "; delete it or choose another cache_dir.")
         print(message + "; rebuilding it.")
@@ -1617,6 +1698,9 @@ def build_feature_cache(
         for level in FEATURE_LEVELS:
             store[level].flush()
         np.save(cache_path / "gt_boxes.npy", gt_all.numpy())
+        meta["files"] = fingerprints
+        meta["checksums"] = {name: {"size": (cache_path / name).stat().st_size, "crc32": _file_crc32(cache_path / name)}
+                             for name in _CACHE_FILES}
         tmp = cache_path / "meta.json.tmp"
         tmp.write_text(json.dumps(meta, indent=1))
         os.replace(tmp, cache_path / "meta.json")

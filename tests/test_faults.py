@@ -391,3 +391,64 @@ def test_predict_skips_unreadable_files_and_writes_the_rest(tiny_voc, tmp_path, 
     assert sorted(preds) == sorted(good)
     skipped = json.loads((tmp_path / "pred" / "skipped.json").read_text())
     assert sorted(skipped) == sorted([str(broken), missing])
+
+
+# --------------------------------------------------------------------------------------
+# Feature cache: checksummed files, content-keyed entries, corrupt files named and rebuilt
+# --------------------------------------------------------------------------------------
+
+
+def _cache(tiny_voc, cache_dir, **kw):
+    ds = Subset(h.VOC2007DetectionTiny(tiny_voc, "train", image_size=64), [0, 1, 2])
+    torch.manual_seed(0)
+    return h.build_feature_cache(TinyDetector(freeze_backbone=True), ds, cache_dir=cache_dir, progress=False, **kw)
+
+
+def _damage(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "truncate":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    elif how == "flip":
+        data[-10] ^= 0xFF  # same size, different content
+        path.write_bytes(bytes(data))
+    else:
+        path.write_bytes(b"")
+
+
+@pytest.mark.parametrize("name, how", [("c4.npy", "truncate"), ("c3.npy", "flip"), ("gt_boxes.npy", "truncate"),
+                                       ("c5.npy", "empty")])
+def test_corrupt_cache_file_is_named_and_rebuilt(tiny_voc, tmp_path, capsys, name, how):
+    cache_dir = tmp_path / "cache"
+    first = _cache(tiny_voc, cache_dir)
+    _, want_feats, want_gt = first.get_batch([0, 1, 2], [0, 1, 0])
+    del first
+    _damage(cache_dir / name, how)
+    with pytest.raises(RuntimeError, match=name):
+        _cache(tiny_voc, cache_dir, on_mismatch="error")
+    rebuilt = _cache(tiny_voc, cache_dir)
+    out = capsys.readouterr().out
+    assert str(cache_dir / name) in out and "rebuilding" in out
+    _, feats, gt = rebuilt.get_batch([0, 1, 2], [0, 1, 0])
+    assert all(torch.equal(feats[k], want_feats[k]) for k in feats) and torch.equal(gt, want_gt)
+    assert h._check_cache_files(cache_dir, json.loads((cache_dir / "meta.json").read_text())["checksums"]) is None
+
+
+def test_changed_image_content_under_same_name_rebuilds_the_cache(tiny_voc, tmp_path, capsys):
+    cache_dir = tmp_path / "cache"
+    before = _cache(tiny_voc, cache_dir).get_batch([0], [0])[1]["c3"]
+    image_path = tiny_voc / "VOCdevkit" / "VOC2007" / "JPEGImages" / "000001.jpg"
+    # Fast path: a touched file with the same content is re-hashed, and the cache reused.
+    stat = image_path.stat()
+    os.utime(image_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    capsys.readouterr()
+    _cache(tiny_voc, cache_dir)
+    assert "rebuilding" not in capsys.readouterr().out
+    # New content under the same id (and the same modification time): rebuilt, not stale.
+    with Image.open(image_path) as im:
+        inverted = Image.eval(im.convert("RGB"), lambda v: 255 - v)
+    inverted.save(image_path, quality=95)
+    os.utime(image_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    after = _cache(tiny_voc, cache_dir).get_batch([0], [0])[1]["c3"]
+    out = capsys.readouterr().out
+    assert "content_hash" in out and "000001.jpg" in out and "rebuilding" in out
+    assert not torch.equal(before, after)
