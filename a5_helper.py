@@ -408,6 +408,7 @@ class VOC2007DetectionTiny(Dataset):
         min_scale: float = 0.7,
         annotation_format: str = "auto",
         use_difficult: bool = False,
+        validate: bool = True,
     ):
         super().__init__()
         self.dataset_dir = Path(dataset_dir)
@@ -461,6 +462,63 @@ class VOC2007DetectionTiny(Dataset):
                 f"of split '{split}' are missing)"
             )
         self._warned_truncation = False
+        self.validation_report: Dict[str, list] = {}
+        if validate:
+            self._validate()
+
+    # ---------------------------------------------------------------- validation
+    def _validate(self) -> None:
+        """One pass over the annotations, against each image's real size (its header).
+
+        Ground-truth rules, the same for training and evaluation: a box is clipped to
+        its image; a box with no area left (zero width or height, inverted corners, or
+        entirely outside the image) is dropped. The image's own size is used everywhere
+        (mapping predictions back included); an XML `<size>` that disagrees is reported.
+        Everything fixed or dropped is listed in `self.validation_report` (file names)
+        and summarised in one warning.
+        """
+        report: Dict[str, list] = {"clipped": [], "dropped": [], "size_mismatch": [], "unreadable": []}
+        cleaned = []
+        for i, (path, objs) in enumerate(self.instances):
+            try:
+                with open_image(path) as im:
+                    W, H = im.size
+            except (RuntimeError, OSError) as err:  # it fails, naming the file, when it is used
+                report["unreadable"].append(f"{path} ({err})")
+                self._sizes.pop(i, None)
+                cleaned.append((path, objs))
+                continue
+            xml_size = self._sizes.get(i)
+            if xml_size is not None and tuple(xml_size) != (W, H):
+                report["size_mismatch"].append(f"{path} (annotation {xml_size[0]}x{xml_size[1]}, image {W}x{H})")
+            self._sizes[i] = (W, H)
+            kept = []
+            for obj in objs:
+                x1, y1, x2, y2 = obj["xyxy"]
+                if not all(math.isfinite(v) for v in (x1, y1, x2, y2)) or x2 <= x1 or y2 <= y1:
+                    report["dropped"].append(f"{path}: {obj['name']} {obj['xyxy']} (no area)")
+                    continue
+                c = [min(max(x1, 0.0), W), min(max(y1, 0.0), H), min(max(x2, 0.0), W), min(max(y2, 0.0), H)]
+                if c[2] <= c[0] or c[3] <= c[1]:
+                    report["dropped"].append(f"{path}: {obj['name']} {obj['xyxy']} (outside the {W}x{H} image)")
+                    continue
+                if c != [x1, y1, x2, y2]:
+                    report["clipped"].append(f"{path}: {obj['name']} {obj['xyxy']} -> {c}")
+                    obj = {**obj, "xyxy": c}
+                kept.append(obj)
+            cleaned.append((path, kept))
+        self.instances = cleaned
+        self.validation_report = report
+        labels = {"clipped": "boxes clipped to their image", "dropped": "degenerate boxes dropped",
+                  "size_mismatch": "annotation sizes differ from the image (the image's size is used)",
+                  "unreadable": "images cannot be read (they fail when loaded)"}
+        parts = []
+        for name, entries in report.items():
+            if entries:
+                parts.append(f"{len(entries)} {labels[name]}: " + "; ".join(entries[:3]) + ("; ..." if len(entries) > 3 else ""))
+        if parts:
+            warnings.warn(f"VOC2007 '{self.split}' ({len(self.instances)} images) validation (details in "
+                          "dataset.validation_report):\n  " + "\n  ".join(parts))
 
     # ---------------------------------------------------------------- annotation readers
     def _read_json(self, json_path: Path) -> List[Tuple[str, List[Dict[str, Any]]]]:
@@ -501,7 +559,8 @@ class VOC2007DetectionTiny(Dataset):
         return Path(self.instances[index][0]).stem
 
     def original_size(self, index: int) -> Tuple[int, int]:
-        """`(width, height)` of the original image (from the XML, else the file header)."""
+        """`(width, height)` of the original image, from its file header (validation
+        reads it; with `validate=False` the XML's `<size>` is trusted)."""
         if index not in self._sizes:
             with open_image(self.instances[index][0]) as im:
                 self._sizes[index] = im.size
@@ -572,9 +631,12 @@ class VOC2007DetectionTiny(Dataset):
         if objs:
             boxes = torch.tensor([o["xyxy"] for o in objs], dtype=torch.float32)
             classes = torch.tensor([float(self.class_to_idx[o["name"]]) for o in objs])
-            # Crops may cut objects; keep those with at least a quarter of them visible.
+            # Crops may cut objects; keep those with at least a quarter of them visible and
+            # at least a pixel wide. The whole image (the evaluation transform, "orig",
+            # "flip") keeps every validated box, as evaluation counts every one of them.
             is_crop = window != (0.0, 0.0, float(image.size[0]), float(image.size[1]))
-            boxes, keep = transform_boxes(boxes, window, flip, S, min_size=1.0, min_visible=0.25 if is_crop else 0.0)
+            boxes, keep = transform_boxes(boxes, window, flip, S, min_size=1.0 if is_crop else 1e-6,
+                                          min_visible=0.25 if is_crop else 0.0)
             rows = torch.cat([boxes, classes[:, None]], dim=1)[keep]
             if len(rows) > self.max_num_instances:
                 if not self._warned_truncation:

@@ -452,3 +452,74 @@ def test_changed_image_content_under_same_name_rebuilds_the_cache(tiny_voc, tmp_
     out = capsys.readouterr().out
     assert "content_hash" in out and "000001.jpg" in out and "rebuilding" in out
     assert not torch.equal(before, after)
+
+
+# --------------------------------------------------------------------------------------
+# Dataset validation: one report; training and evaluation see the same ground truth
+# --------------------------------------------------------------------------------------
+
+
+class GroundTruthOracle(torch.nn.Module):
+    """A perfect detector: returns the training targets of the evaluation transform of
+    each image, in order (evaluation visits the images in order)."""
+
+    def __init__(self, dataset):
+        super().__init__()
+        self.targets = [dataset[i][2] for i in range(len(dataset))]
+        self.next = 0
+
+    def predict(self, images, score_thresh=0.3, nms_thresh=0.5):
+        results = []
+        for _ in range(len(images)):
+            gt = self.targets[self.next]
+            self.next += 1
+            gt = gt[gt[:, 4] >= 0]
+            results.append({"boxes": gt[:, :4].clone(), "labels": gt[:, 4].long(), "scores": torch.ones(len(gt))})
+        return results
+
+
+def _rewrite_val_xml(voc, image_id, extra_objs=(), size_scale=1):
+    from test_a5_helper import N_TRAIN, _image_spec
+
+    W, H, objs = _image_spec(int(image_id))
+    assert int(image_id) > N_TRAIN
+    path = voc / "VOCdevkit" / "VOC2007" / "Annotations" / f"{image_id}.xml"
+    _write_xml(path, image_id, W * size_scale, H * size_scale, list(objs) + list(extra_objs))
+
+
+def test_degenerate_boxes_are_dropped_for_training_and_evaluation_alike(tiny_voc):
+    # 000007 gets a zero-width dog, an inverted person and a cat outside the image.
+    _rewrite_val_xml(tiny_voc, "000007", [("dog", [30.0, 5.0, 30.0, 40.0], False),
+                                          ("person", [40.0, 30.0, 20.0, 10.0], False),
+                                          ("cat", [500.0, 5.0, 600.0, 40.0], False),
+                                          ("car", [-5.0, -3.0, 10.0, 12.0], False)])
+    with pytest.warns(UserWarning, match=r"3 degenerate boxes dropped.*000007\.jpg") as rec:
+        ds = h.VOC2007DetectionTiny(tiny_voc, "val", image_size=64)
+    assert "1 boxes clipped" in str(rec[0].message)
+    assert len(ds.validation_report["dropped"]) == 3 and "000007.jpg" in ds.validation_report["clipped"][0]
+    names = [name for name, _, _ in ds.get_annotation(0)]
+    assert "dog" not in names and "person" not in names and names.count("car") == 2
+    assert [0.0, 0.0, 10.0, 12.0] in [box for _, box, _ in ds.get_annotation(0)]
+    # The training targets and the evaluation ground truth hold the same boxes.
+    gt = ds[0][2]
+    assert int((gt[:, 4] >= 0).sum()) == len([a for a in ds.get_annotation(0) if not a[2]])
+    metrics = h.evaluate_detector(GroundTruthOracle(ds), ds, batch_size=2, coco=False, progress=False)
+    assert metrics["mAP"] == pytest.approx(1.0)  # was 0.5-ish: the dropped boxes counted as missed
+
+
+def test_image_size_comes_from_the_image_with_a_warning(tiny_voc):
+    _rewrite_val_xml(tiny_voc, "000008", size_scale=2)  # <size> twice the real image
+    with pytest.warns(UserWarning, match=r"000008\.jpg \(annotation \d+x\d+, image \d+x\d+\)"):
+        ds = h.VOC2007DetectionTiny(tiny_voc, "val", image_size=64)
+    from test_a5_helper import _image_spec
+
+    W, H, _ = _image_spec(8)
+    assert ds.original_size(1) == (W, H)
+    metrics = h.evaluate_detector(GroundTruthOracle(ds), ds, batch_size=2, coco=False, progress=False)
+    assert metrics["mAP"] == pytest.approx(1.0)
+
+
+def test_clean_dataset_gives_no_warning(tiny_voc, recwarn):
+    ds = h.VOC2007DetectionTiny(tiny_voc, "train", image_size=64)
+    assert not [w for w in recwarn if "validation" in str(w.message)]
+    assert all(not v for v in ds.validation_report.values())
