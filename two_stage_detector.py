@@ -1149,6 +1149,11 @@ class FasterRCNN(nn.Module):
             (0-based classes) and ``"scores"`` ``(M,)``, in decreasing score,
             ``M <= detections_per_image``.
         """
+        from fcos import as_image_batch
+
+        images, sizes = as_image_batch(images)  # lists of any sizes; empty batches
+        if images is None:
+            return []
         was_training = self.training
         self.eval()
         try:
@@ -1156,9 +1161,16 @@ class FasterRCNN(nn.Module):
             image_size = image_size_of(images)
             strides = self.backbone.fpn_strides
             proposals = self.rpn(feats_per_fpn_level, strides, image_size=image_size)["proposals"]
-            return self._inference(feats_per_fpn_level, proposals, image_size, score_thresh, nms_thresh)
+            results = self._inference(feats_per_fpn_level, proposals, image_size, score_thresh, nms_thresh)
         finally:
             self.train(was_training)
+        for result, (h, w) in zip(results, sizes or ()):  # padded batch: clip to each image
+            boxes = result["boxes"]
+            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+            keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+            result.update({k: v[keep] for k, v in result.items()})
+        return results
 
     @torch.no_grad()
     def _inference(

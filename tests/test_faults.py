@@ -523,3 +523,62 @@ def test_clean_dataset_gives_no_warning(tiny_voc, recwarn):
     ds = h.VOC2007DetectionTiny(tiny_voc, "train", image_size=64)
     assert not [w for w in recwarn if "validation" in str(w.message)]
     assert all(not v for v in ds.validation_report.values())
+
+
+# --------------------------------------------------------------------------------------
+# Python API: lists of images of any size, empty batches
+# --------------------------------------------------------------------------------------
+
+
+def _real_detector(kind):
+    config = {"detector": kind, "image_size": 64,
+              "kwargs": {"backbone": "mobilenet_v2", "pretrained": False, "fpn_channels": 16, "stem_channels": [16]}}
+    if kind == "faster_rcnn":
+        config["kwargs"]["rpn_stem_channels"] = [16]
+    try:
+        torch.manual_seed(0)
+        return h.build_detector(config).eval()
+    except Exception as err:  # pragma: no cover - depends on the checkout
+        pytest.skip(f"{kind} cannot be built here: {err}")
+
+
+@pytest.mark.parametrize("kind", ["fcos", "faster_rcnn"])
+def test_predict_accepts_images_of_different_sizes_and_empty_batches(kind):
+    det = _real_detector(kind)
+    assert det.predict([], score_thresh=0.0) == []
+    assert det.predict(torch.zeros(0, 3, 64, 64), score_thresh=0.0) == []
+    feats = det.backbone.extract_features(torch.zeros(1, 3, 64, 64))
+    assert det.predict({k: v[:0] for k, v in feats.items()}, score_thresh=0.0) == []
+    images = [torch.randn(3, 64, 96), torch.randn(3, 80, 40)]
+    try:
+        outputs = det.predict(images, score_thresh=0.0, nms_thresh=0.5)
+    except NotImplementedError:
+        pytest.skip("the student parts of this detector are not implemented yet")
+    assert len(outputs) == 2
+    for out, image in zip(outputs, images):
+        H, W = image.shape[-2:]
+        boxes = out["boxes"]
+        assert len(boxes) == len(out["labels"]) == len(out["scores"])
+        assert (boxes[:, 0::2] >= 0).all() and (boxes[:, 2] <= W).all() and (boxes[:, 3] <= H).all()
+        assert ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).all()
+    # A tuple works too, and a same-size list gives what the stacked batch gives (less the
+    # boxes that have no area inside the image).
+    same = [torch.randn(3, 64, 64), torch.randn(3, 64, 64)]
+    a, b = det.predict(tuple(same), score_thresh=0.0), det.predict(torch.stack(same), score_thresh=0.0)
+    for x, y in zip(a, b):
+        yb = y["boxes"].clone()
+        yb = yb.clamp(0, 64)
+        keep = (yb[:, 2] > yb[:, 0]) & (yb[:, 3] > yb[:, 1])
+        torch.testing.assert_close(x["boxes"], yb[keep])
+        torch.testing.assert_close(x["scores"], y["scores"][keep])
+
+
+def test_as_image_batch_pads_and_reports_sizes():
+    import fcos
+
+    batch, sizes = fcos.as_image_batch([torch.ones(3, 33, 20), torch.full((3, 10, 70), 2.0)])
+    assert batch.shape == (2, 3, 64, 96) and sizes == [(33, 20), (10, 70)]
+    assert batch[0, :, :33, :20].eq(1).all() and batch[0, :, 33:].eq(0).all() and batch[1, :, :10, :70].eq(2).all()
+    assert fcos.as_image_batch([]) == (None, [])
+    with pytest.raises(ValueError, match=r"images\[1\]"):
+        fcos.as_image_batch([torch.ones(3, 8, 8), torch.ones(8, 8)])
