@@ -998,8 +998,12 @@ def save_checkpoint(state: Dict[str, Any], path: PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or an interrupt: leave no partial file behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class CheckpointError(RuntimeError):
@@ -1034,9 +1038,8 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
             head = f.read(2)
         looks_like_torch = zipfile.is_zipfile(path) or head[:1] == b"\x80"
         if not looks_like_torch:
-            raise CheckpointError(f"{path} is not a PyTorch checkpoint ({size} bytes; {type(err).__name__}: "
-                                  f"{str(err).splitlines()[0] if str(err) else ''}). Truncated, corrupt or another "
-                                  "kind of file?") from err
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint ({size} bytes, neither a torch zip "
+                                  "archive nor a pickle): truncated, corrupt or another kind of file?") from err
         if not trusted:
             first = str(err).strip().splitlines()
             detail = next((line for line in first if "Unsupported global" in line or "GLOBAL" in line),
@@ -1268,7 +1271,24 @@ def train_detector(
                 print(f"No checkpoint at {resume_path}; starting from scratch.")
             resume_path = None
     if resume_path is not None:
-        ckpt = load_checkpoint(resume_path, map_location=device, trusted=trust_checkpoint)
+        try:
+            ckpt = load_checkpoint(resume_path, map_location=device, trusted=trust_checkpoint)
+        except CheckpointError as err:
+            # last.pt unreadable (a bad copy, a disk fault): fall back to the newest kept
+            # checkpoint that loads, saying so; an explicitly named file is not replaced.
+            if not isinstance(resume, bool) or ckpt_path is None:
+                raise
+            ckpt = None
+            for _, candidate in reversed(numbered_checkpoints(ckpt_path.parent)):
+                try:
+                    ckpt = load_checkpoint(candidate, map_location=device, trusted=trust_checkpoint)
+                except CheckpointError:
+                    continue
+                warnings.warn(f"{err}\nResuming from {candidate} instead.")
+                resume_path = candidate
+                break
+            if ckpt is None:
+                raise
         detector.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt.get("scaler") or {})

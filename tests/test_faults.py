@@ -582,3 +582,35 @@ def test_as_image_batch_pads_and_reports_sizes():
     assert fcos.as_image_batch([]) == (None, [])
     with pytest.raises(ValueError, match=r"images\[1\]"):
         fcos.as_image_batch([torch.ones(3, 8, 8), torch.ones(8, 8)])
+
+
+# --------------------------------------------------------------------------------------
+# More faults: a failed save, an unreadable last.pt
+# --------------------------------------------------------------------------------------
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one_and_no_partial_file(tmp_path, monkeypatch):
+    h.save_checkpoint({"model": {"w": torch.ones(2)}}, tmp_path / "last.pt")
+
+    def disk_full(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        h.save_checkpoint({"model": {"w": torch.zeros(2)}}, tmp_path / "last.pt")
+    monkeypatch.undo()
+    assert torch.equal(h.load_checkpoint(tmp_path / "last.pt")["model"]["w"], torch.ones(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_resume_with_unreadable_last_pt_falls_back_to_newest_good_checkpoint(tmp_path):
+    _train(Runaway(1e9), Pixels(), tmp_path, max_iters=4, learning_rate=0.1)
+    (tmp_path / "last.pt").unlink()  # it is a hard link to ckpt_0000004.pt: break only last.pt
+    (tmp_path / "last.pt").write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match=r"(?s)last\.pt is not a PyTorch checkpoint.*Resuming from .*ckpt_0000004\.pt"):
+        history = _train(Runaway(1e9), Pixels(), tmp_path, max_iters=6, learning_rate=0.1, resume=True)
+    assert history["iteration"] == list(range(6))
+    with pytest.raises(h.CheckpointError, match="garbage.pt"):
+        (tmp_path / "garbage.pt").write_bytes(b"garbage")
+        _train(Runaway(1e9), Pixels(), tmp_path, max_iters=6, resume=tmp_path / "garbage.pt")
