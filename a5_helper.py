@@ -2065,6 +2065,7 @@ def collect_predictions(
     ground_truths: GroundTruths = {}
     detections: Detections = []
     loader = _indexed_loader(dataset, batch_size, num_workers)
+    nonfinite_images: List[str] = []
     for indices, (paths, images, gt_boxes) in tqdm(loader, desc="evaluate", disable=not progress, dynamic_ncols=True):
         images = images.to(device=device, dtype=dtype)
         with _eval_autocast(device, amp):
@@ -2077,6 +2078,10 @@ def collect_predictions(
             labels = out["labels"].detach().cpu().long()
             scores = out["scores"].detach().float().cpu()
             valid = labels >= 0
+            finite = torch.isfinite(scores) & torch.isfinite(boxes).all(dim=1)
+            if not bool(finite[valid].all()):  # a diverged model: drop, but say so
+                nonfinite_images.append(Path(path).name)
+            valid &= finite
             boxes, labels, scores = boxes[valid], labels[valid], scores[valid]
             if len(scores) > max_detections:
                 top = scores.argsort(descending=True)[:max_detections]
@@ -2090,6 +2095,10 @@ def collect_predictions(
             for box, label, score in zip(boxes.tolist(), labels.tolist(), scores.tolist()):
                 detections.append((image_id, class_names[label], score, box))
     detector.train(was_training)
+    if nonfinite_images:
+        warnings.warn(f"Dropped NaN / infinite detections (boxes or scores) in {len(nonfinite_images)} images: "
+                      + ", ".join(nonfinite_images[:5]) + (" ..." if len(nonfinite_images) > 5 else "")
+                      + ". The model has probably diverged.")
     return ground_truths, detections
 
 

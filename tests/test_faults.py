@@ -614,3 +614,26 @@ def test_resume_with_unreadable_last_pt_falls_back_to_newest_good_checkpoint(tmp
     with pytest.raises(h.CheckpointError, match="garbage.pt"):
         (tmp_path / "garbage.pt").write_bytes(b"garbage")
         _train(Runaway(1e9), Pixels(), tmp_path, max_iters=6, resume=tmp_path / "garbage.pt")
+
+
+class NaNDetector(torch.nn.Module):
+    """Predicts one good box and one NaN-scored box per image."""
+
+    def __init__(self, dataset):
+        super().__init__()
+        self.oracle = GroundTruthOracle(dataset)
+
+    def predict(self, images, score_thresh=0.3, nms_thresh=0.5):
+        outs = self.oracle.predict(images)
+        for out in outs:
+            out["boxes"] = torch.cat([out["boxes"], torch.tensor([[float("nan"), 0.0, 5.0, 5.0]])])
+            out["labels"] = torch.cat([out["labels"], torch.tensor([6])])
+            out["scores"] = torch.cat([out["scores"], torch.tensor([float("nan")])])
+        return outs
+
+
+def test_nonfinite_detections_are_dropped_with_a_warning_naming_images(tiny_voc):
+    ds = h.VOC2007DetectionTiny(tiny_voc, "val", image_size=64)
+    with pytest.warns(UserWarning, match=r"NaN.*000007\.jpg"):
+        metrics = h.evaluate_detector(NaNDetector(ds), ds, batch_size=2, coco=False, progress=False)
+    assert metrics["mAP"] == pytest.approx(1.0) and metrics["num_detections"] == 5
