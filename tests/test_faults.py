@@ -545,15 +545,19 @@ def _real_detector(kind):
 @pytest.mark.parametrize("kind", ["fcos", "faster_rcnn"])
 def test_predict_accepts_images_of_different_sizes_and_empty_batches(kind):
     det = _real_detector(kind)
+    try:
+        _check_predict_inputs(det)
+    except NotImplementedError:  # the student release: the detector's parts are still TODO
+        pytest.skip("the student parts of this detector are not implemented yet")
+
+
+def _check_predict_inputs(det):
     assert det.predict([], score_thresh=0.0) == []
     assert det.predict(torch.zeros(0, 3, 64, 64), score_thresh=0.0) == []
     feats = det.backbone.extract_features(torch.zeros(1, 3, 64, 64))
     assert det.predict({k: v[:0] for k, v in feats.items()}, score_thresh=0.0) == []
     images = [torch.randn(3, 64, 96), torch.randn(3, 80, 40)]
-    try:
-        outputs = det.predict(images, score_thresh=0.0, nms_thresh=0.5)
-    except NotImplementedError:
-        pytest.skip("the student parts of this detector are not implemented yet")
+    outputs = det.predict(images, score_thresh=0.0, nms_thresh=0.5)
     assert len(outputs) == 2
     for out, image in zip(outputs, images):
         H, W = image.shape[-2:]
