@@ -414,6 +414,10 @@ class VOC2007DetectionTiny(Dataset):
         self.dataset_dir = Path(dataset_dir)
         self.split = split
         self.image_size = int(image_size)
+        if self.image_size < 8:
+            raise ValueError(f"image_size must be at least 8 pixels, not {image_size}")
+        if not 0.0 < float(min_scale) <= 1.0:
+            raise ValueError(f"min_scale must be in (0, 1], not {min_scale}")
         self.max_num_instances = max_num_instances
         self.augment = split.startswith("train") if augment is None else bool(augment)
         self.min_scale = float(min_scale)

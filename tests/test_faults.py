@@ -641,3 +641,13 @@ def test_nonfinite_detections_are_dropped_with_a_warning_naming_images(tiny_voc)
     with pytest.warns(UserWarning, match=r"NaN.*000007\.jpg"):
         metrics = h.evaluate_detector(NaNDetector(ds), ds, batch_size=2, coco=False, progress=False)
     assert metrics["mAP"] == pytest.approx(1.0) and metrics["num_detections"] == 5
+
+
+def test_python_api_rejects_bad_numbers_by_name(tiny_voc, tmp_path):
+    loader = DataLoader(Pixels(), batch_size=2)
+    for kwargs, name in (({"max_iters": -5}, "max_iters"), ({"log_period": 0}, "log_period"),
+                         ({"checkpoint_period": 0}, "checkpoint_period"), ({"skip_nonfinite": -1}, "skip_nonfinite")):
+        with pytest.raises(ValueError, match=name):
+            h.train_detector(Runaway(), loader, progress=False, **{"max_iters": 2, **kwargs})
+    with pytest.raises(ValueError, match="image_size"):
+        h.VOC2007DetectionTiny(tiny_voc, "train", image_size=0)
