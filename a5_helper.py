@@ -1716,7 +1716,8 @@ def build_feature_cache(
             meta = json.loads((cache_path / "meta.json").read_text())
         except json.JSONDecodeError:
             meta = {"corrupt": True}
-    fingerprints = _image_fingerprints(paths, meta.get("files") if cache_path is not None else None)
+    # Content hashes matter only for a cache on disk, which a later run may reuse.
+    fingerprints = _image_fingerprints(paths, meta.get("files")) if cache_path is not None else {}
     key = _cache_key(fpn_backbone, base, base_indices, variants, storage_dtype, seed, fingerprints)
     if cache_path is not None and (cache_path / "meta.json").is_file():
         problem = None
@@ -1731,6 +1732,11 @@ def build_feature_cache(
                 except (ValueError, OSError, EOFError) as err:
                     problem = f"a file under {cache_path} cannot be read ({err})"
                 else:
+                    if meta.get("files") != fingerprints:  # same contents, new mtimes: refresh the fast path
+                        meta["files"] = fingerprints
+                        tmp = cache_path / "meta.json.tmp"
+                        tmp.write_text(json.dumps(meta, indent=1))
+                        os.replace(tmp, cache_path / "meta.json")
                     if progress:
                         print(f"Loaded feature cache from {cache_path} ({N} images x {V} variants).")
                     return CachedFeatureDataset(feats, gt, paths, variants, meta)
