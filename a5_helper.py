@@ -1079,6 +1079,26 @@ def numbered_checkpoints(checkpoint_dir: PathLike) -> List[Tuple[int, Path]]:
     return sorted(found)
 
 
+def load_resumable(last: PathLike, map_location: Union[str, torch.device] = "cpu", *, trusted: bool = False,
+                   warn: bool = True) -> Tuple[Path, Dict[str, Any]]:
+    """`(path, checkpoint)` of `last` (a run's `last.pt`), or, when that file cannot be
+    read (a bad copy, a disk fault), of the newest readable `ckpt_<iteration>.pt` beside
+    it, with a warning that names both. Raises the error of `last` if none loads."""
+    last = Path(last)
+    try:
+        return last, load_checkpoint(last, map_location=map_location, trusted=trusted)
+    except CheckpointError as err:
+        for _, candidate in reversed(numbered_checkpoints(last.parent)):
+            try:
+                ckpt = load_checkpoint(candidate, map_location=map_location, trusted=trusted)
+            except CheckpointError:
+                continue
+            if warn:
+                warnings.warn(f"{err}\nResuming from {candidate} instead.")
+            return candidate, ckpt
+        raise
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     """Make `dst` a copy of `src` atomically (a hard link when the file system allows)."""
     tmp = dst.with_name(dst.name + ".tmp")
@@ -1275,24 +1295,11 @@ def train_detector(
                 print(f"No checkpoint at {resume_path}; starting from scratch.")
             resume_path = None
     if resume_path is not None:
-        try:
+        if isinstance(resume, bool):  # last.pt, or the newest readable ckpt_*.pt if it is damaged
+            resume_path, ckpt = load_resumable(resume_path, map_location=device, trusted=trust_checkpoint,
+                                               warn=rank == 0)
+        else:  # an explicitly named file is never replaced by another
             ckpt = load_checkpoint(resume_path, map_location=device, trusted=trust_checkpoint)
-        except CheckpointError as err:
-            # last.pt unreadable (a bad copy, a disk fault): fall back to the newest kept
-            # checkpoint that loads, saying so; an explicitly named file is not replaced.
-            if not isinstance(resume, bool) or ckpt_path is None:
-                raise
-            ckpt = None
-            for _, candidate in reversed(numbered_checkpoints(ckpt_path.parent)):
-                try:
-                    ckpt = load_checkpoint(candidate, map_location=device, trusted=trust_checkpoint)
-                except CheckpointError:
-                    continue
-                warnings.warn(f"{err}\nResuming from {candidate} instead.")
-                resume_path = candidate
-                break
-            if ckpt is None:
-                raise
         detector.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt.get("scaler") or {})
@@ -2603,7 +2610,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 (out / name).unlink(missing_ok=True)
             print(f"--overwrite: deleted {', '.join(existing)} in {out}.")
     if args.resume and resume_ckpt.is_file():
-        stored = load_checkpoint(resume_ckpt, trusted=args.trust_checkpoint).get("config")
+        stored = load_resumable(resume_ckpt, trusted=args.trust_checkpoint, warn=False)[1].get("config")
         if stored:
             changed = _config_differences(stored, config)
             if changed and not args.allow_changed_settings:
