@@ -31,6 +31,7 @@ import io
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -1010,6 +1011,15 @@ def save_checkpoint(state: Dict[str, Any], path: PathLike) -> None:
         raise
 
 
+def _numpy_array_globals() -> List[Any]:
+    """What unpickling a plain NumPy array refers to (NumPy 1 and 2 spell it differently)."""
+    core = getattr(np, "_core", None) or np.core
+    return [np.ndarray, np.dtype, core.multiarray._reconstruct] + [
+        getattr(np.dtypes, name) for name in ("UInt32DType", "Int64DType", "Float64DType")
+        if hasattr(getattr(np, "dtypes", None), name)
+    ]
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot (or may not safely) be loaded; the message names it."""
 
@@ -1036,7 +1046,13 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
         raise CheckpointError(f"Checkpoint file {path} is empty (0 bytes): not a checkpoint (an interrupted copy "
                               "or a full disk?)")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError:
+            # Checkpoints of earlier versions stored NumPy's RNG state as an ndarray: allow
+            # plain NumPy arrays (no code runs to rebuild them), nothing else.
+            with torch.serialization.safe_globals(_numpy_array_globals()):
+                state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ... by case
         with open(path, "rb") as f:
             head = f.read(2)

@@ -652,3 +652,18 @@ def test_python_api_rejects_bad_numbers_by_name(tiny_voc, tmp_path):
             h.train_detector(Runaway(), loader, progress=False, **{"max_iters": 2, **kwargs})
     with pytest.raises(ValueError, match="image_size"):
         h.VOC2007DetectionTiny(tiny_voc, "train", image_size=0)
+
+
+def test_checkpoints_of_the_previous_version_still_load_safely(tmp_path):
+    """Earlier versions stored NumPy's RNG state as an ndarray: plain arrays are allowed
+    (nothing runs to rebuild them), so users keep their runs without --trust-checkpoint."""
+    _train(Runaway(1e9), Pixels(), tmp_path, max_iters=2, learning_rate=0.1)
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    np.random.seed(7)
+    for rng in [state["rng"]] + state["rng_per_rank"]:
+        rng["numpy"] = np.random.get_state()  # the old format
+    torch.save(state, tmp_path / "last.pt")
+    (tmp_path / "ckpt_0000002.pt").unlink()
+    history = _train(Runaway(1e9), Pixels(), tmp_path, max_iters=3, learning_rate=0.1, resume=True)
+    assert history["iteration"] == [0, 1, 2]
+    assert isinstance(h.load_checkpoint(tmp_path / "last.pt")["rng"]["numpy"][1], torch.Tensor)  # new format
