@@ -1033,8 +1033,9 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
     between students and instructors are safe to open. Everything `train_detector`
     stores (weights, optimizer, RNG states, history, config) is in those types.
 
-    A file that needs arbitrary unpickling (older checkpoints, or files made by other
-    code) is refused with a `CheckpointError`, unless `trusted=True` says that you trust
+    Plain NumPy arrays (the RNG state of earlier versions' checkpoints) are allowed too.
+    A file that needs arbitrary unpickling (files made by other code, arbitrary objects)
+    is refused with a `CheckpointError`, unless `trusted=True` says that you trust
     where it comes from (command line: `--trust-checkpoint`). An empty, truncated or
     non-checkpoint file also raises a `CheckpointError` naming it.
     """
