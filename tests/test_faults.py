@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
-import shutil
 from pathlib import Path
 
 import numpy as np
