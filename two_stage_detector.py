@@ -1142,7 +1142,9 @@ class FasterRCNN(nn.Module):
     ) -> List[Dict[str, torch.Tensor]]:
         """
         Detect objects in a batch of images (or cached c3/c4/c5 features). Runs in
-        eval mode and restores the previous mode afterwards.
+        eval mode and restores the previous mode afterwards. A list of ``(3, H_i, W_i)``
+        images of any sizes is padded into one batch (boxes clipped to each image); an
+        empty batch gives ``[]``.
 
         Returns:
             One dict per image with ``"boxes"`` ``(M, 4)``, ``"labels"`` ``(M,)``
