@@ -31,7 +31,9 @@ import io
 import json
 import math
 import os
+import pickle
 import random
+import re
 import shutil
 import socket
 import sys
@@ -40,7 +42,9 @@ import time
 import urllib.parse
 import urllib.request
 import warnings
+import zipfile
 import xml.etree.ElementTree as ET
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -405,11 +409,16 @@ class VOC2007DetectionTiny(Dataset):
         min_scale: float = 0.7,
         annotation_format: str = "auto",
         use_difficult: bool = False,
+        validate: bool = True,
     ):
         super().__init__()
         self.dataset_dir = Path(dataset_dir)
         self.split = split
         self.image_size = int(image_size)
+        if self.image_size < 8:
+            raise ValueError(f"image_size must be at least 8 pixels, not {image_size}")
+        if not 0.0 < float(min_scale) <= 1.0:
+            raise ValueError(f"min_scale must be in (0, 1], not {min_scale}")
         self.max_num_instances = max_num_instances
         self.augment = split.startswith("train") if augment is None else bool(augment)
         self.min_scale = float(min_scale)
@@ -458,6 +467,63 @@ class VOC2007DetectionTiny(Dataset):
                 f"of split '{split}' are missing)"
             )
         self._warned_truncation = False
+        self.validation_report: Dict[str, list] = {}
+        if validate:
+            self._validate()
+
+    # ---------------------------------------------------------------- validation
+    def _validate(self) -> None:
+        """One pass over the annotations, against each image's real size (its header).
+
+        Ground-truth rules, the same for training and evaluation: a box is clipped to
+        its image; a box with no area left (zero width or height, inverted corners, or
+        entirely outside the image) is dropped. The image's own size is used everywhere
+        (mapping predictions back included); an XML `<size>` that disagrees is reported.
+        Everything fixed or dropped is listed in `self.validation_report` (file names)
+        and summarised in one warning.
+        """
+        report: Dict[str, list] = {"clipped": [], "dropped": [], "size_mismatch": [], "unreadable": []}
+        cleaned = []
+        for i, (path, objs) in enumerate(self.instances):
+            try:
+                with open_image(path) as im:
+                    W, H = im.size
+            except (RuntimeError, OSError) as err:  # it fails, naming the file, when it is used
+                report["unreadable"].append(f"{path} ({err})")
+                self._sizes.pop(i, None)
+                cleaned.append((path, objs))
+                continue
+            xml_size = self._sizes.get(i)
+            if xml_size is not None and tuple(xml_size) != (W, H):
+                report["size_mismatch"].append(f"{path} (annotation {xml_size[0]}x{xml_size[1]}, image {W}x{H})")
+            self._sizes[i] = (W, H)
+            kept = []
+            for obj in objs:
+                x1, y1, x2, y2 = obj["xyxy"]
+                if not all(math.isfinite(v) for v in (x1, y1, x2, y2)) or x2 <= x1 or y2 <= y1:
+                    report["dropped"].append(f"{path}: {obj['name']} {obj['xyxy']} (no area)")
+                    continue
+                c = [min(max(x1, 0.0), W), min(max(y1, 0.0), H), min(max(x2, 0.0), W), min(max(y2, 0.0), H)]
+                if c[2] <= c[0] or c[3] <= c[1]:
+                    report["dropped"].append(f"{path}: {obj['name']} {obj['xyxy']} (outside the {W}x{H} image)")
+                    continue
+                if c != [x1, y1, x2, y2]:
+                    report["clipped"].append(f"{path}: {obj['name']} {obj['xyxy']} -> {c}")
+                    obj = {**obj, "xyxy": c}
+                kept.append(obj)
+            cleaned.append((path, kept))
+        self.instances = cleaned
+        self.validation_report = report
+        labels = {"clipped": "boxes clipped to their image", "dropped": "degenerate boxes dropped",
+                  "size_mismatch": "annotation sizes differ from the image (the image's size is used)",
+                  "unreadable": "images cannot be read (they fail when loaded)"}
+        parts = []
+        for name, entries in report.items():
+            if entries:
+                parts.append(f"{len(entries)} {labels[name]}: " + "; ".join(entries[:3]) + ("; ..." if len(entries) > 3 else ""))
+        if parts:
+            warnings.warn(f"VOC2007 '{self.split}' ({len(self.instances)} images) validation (details in "
+                          "dataset.validation_report):\n  " + "\n  ".join(parts))
 
     # ---------------------------------------------------------------- annotation readers
     def _read_json(self, json_path: Path) -> List[Tuple[str, List[Dict[str, Any]]]]:
@@ -498,7 +564,8 @@ class VOC2007DetectionTiny(Dataset):
         return Path(self.instances[index][0]).stem
 
     def original_size(self, index: int) -> Tuple[int, int]:
-        """`(width, height)` of the original image (from the XML, else the file header)."""
+        """`(width, height)` of the original image, from its file header (validation
+        reads it; with `validate=False` the XML's `<size>` is trusted)."""
         if index not in self._sizes:
             with open_image(self.instances[index][0]) as im:
                 self._sizes[index] = im.size
@@ -569,9 +636,12 @@ class VOC2007DetectionTiny(Dataset):
         if objs:
             boxes = torch.tensor([o["xyxy"] for o in objs], dtype=torch.float32)
             classes = torch.tensor([float(self.class_to_idx[o["name"]]) for o in objs])
-            # Crops may cut objects; keep those with at least a quarter of them visible.
+            # Crops may cut objects; keep those with at least a quarter of them visible and
+            # at least a pixel wide. The whole image (the evaluation transform, "orig",
+            # "flip") keeps every validated box, as evaluation counts every one of them.
             is_crop = window != (0.0, 0.0, float(image.size[0]), float(image.size[1]))
-            boxes, keep = transform_boxes(boxes, window, flip, S, min_size=1.0, min_visible=0.25 if is_crop else 0.0)
+            boxes, keep = transform_boxes(boxes, window, flip, S, min_size=1.0 if is_crop else 1e-6,
+                                          min_visible=0.25 if is_crop else 0.0)
             rows = torch.cat([boxes, classes[:, None]], dim=1)[keep]
             if len(rows) > self.max_num_instances:
                 if not self._warned_truncation:
@@ -894,10 +964,14 @@ def init_distributed(device: Union[str, torch.device] = "auto") -> Tuple[int, in
 
 
 def _rng_state() -> Dict[str, Any]:
+    """All RNG states, in types that `torch.load(weights_only=True)` accepts (tensors,
+    tuples, ints, floats, strings): NumPy's key array is stored as an int64 tensor."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
-        "numpy": np.random.get_state(),
+        "numpy": (str(kind), torch.from_numpy(np.asarray(keys, dtype=np.int64).copy()), int(pos), int(has_gauss),
+                  float(cached)),
         "python": random.getstate(),
     }
 
@@ -906,8 +980,11 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    keys = keys.numpy() if torch.is_tensor(keys) else np.asarray(keys)  # old files: an ndarray
+    np.random.set_state((kind, keys.astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+    py_version, py_state, py_gauss = state["python"]
+    random.setstate((py_version, tuple(py_state), py_gauss))
 
 
 @contextlib.contextmanager
@@ -926,19 +1003,172 @@ def save_checkpoint(state: Dict[str, Any], path: PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or an interrupt: leave no partial file behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
+def _numpy_array_globals() -> List[Any]:
+    """What unpickling a plain NumPy array refers to (NumPy 1 and 2 spell it differently)."""
+    core = getattr(np, "_core", None) or np.core
+    return [np.ndarray, np.dtype, core.multiarray._reconstruct] + [
+        getattr(np.dtypes, name) for name in ("UInt32DType", "Int64DType", "Float64DType")
+        if hasattr(getattr(np, "dtypes", None), name)
+    ]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot (or may not safely) be loaded; the message names it."""
+
+
+def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu", *,
+                    trusted: bool = False) -> Dict[str, Any]:
     """Load a checkpoint written by `train_detector` / the command line.
 
-    It holds RNG states (NumPy arrays, Python tuples), so it is read with
-    `weights_only=False`: only load checkpoints you wrote yourself.
+    Files are read with `torch.load(..., weights_only=True)`, which only rebuilds
+    tensors and plain containers and never runs code from the file: checkpoints exchanged
+    between students and instructors are safe to open. Everything `train_detector`
+    stores (weights, optimizer, RNG states, history, config) is in those types.
+
+    Plain NumPy arrays (the RNG state of earlier versions' checkpoints) are allowed too.
+    A file that needs arbitrary unpickling (files made by other code, arbitrary objects)
+    is refused with a `CheckpointError`, unless `trusted=True` says that you trust
+    where it comes from (command line: `--trust-checkpoint`). An empty, truncated or
+    non-checkpoint file also raises a `CheckpointError` naming it.
     """
-    if not Path(path).is_file():
+    path = Path(path)
+    if not path.is_file():
         raise FileNotFoundError(f"Checkpoint not found: {path}")
-    return torch.load(path, map_location=map_location, weights_only=False)
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"Checkpoint file {path} is empty (0 bytes): not a checkpoint (an interrupted copy "
+                              "or a full disk?)")
+    try:
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError:
+            # Checkpoints of earlier versions stored NumPy's RNG state as an ndarray: allow
+            # plain NumPy arrays (no code runs to rebuild them), nothing else.
+            with torch.serialization.safe_globals(_numpy_array_globals()):
+                state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ... by case
+        with open(path, "rb") as f:
+            head = f.read(2)
+        looks_like_torch = zipfile.is_zipfile(path) or head[:1] == b"\x80"
+        if not looks_like_torch:
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint ({size} bytes, neither a torch zip "
+                                  "archive nor a pickle): truncated, corrupt or another kind of file?") from err
+        if not trusted:
+            first = str(err).strip().splitlines()
+            detail = next((line for line in first if "Unsupported global" in line or "GLOBAL" in line),
+                          first[0] if first else type(err).__name__)
+            raise CheckpointError(
+                f"Refusing to load {path}: it needs arbitrary unpickling, which can run any code stored in "
+                f"the file ({detail.strip()[:300]}). Checkpoints written by this version load safely. If you "
+                "trust where this file comes from, pass trusted=True (command line: --trust-checkpoint)."
+            ) from err
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=False)
+        except Exception as err2:
+            raise CheckpointError(f"Cannot load checkpoint {path}: {type(err2).__name__}: {err2}") from err2
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path} is not a checkpoint of this project (expected a dict with 'model', "
+                              f"got {type(state).__name__}{' with keys ' + ', '.join(map(str, list(state)[:8])) if isinstance(state, dict) else ''})")
+    return state
+
+
+_NUMBERED_CHECKPOINT = re.compile(r"^ckpt_(\d+)\.pt$")
+
+
+def numbered_checkpoints(checkpoint_dir: PathLike) -> List[Tuple[int, Path]]:
+    """`[(iteration, path), ...]` of the kept `ckpt_<iteration>.pt` files, oldest first."""
+    folder = Path(checkpoint_dir)
+    if not folder.is_dir():
+        return []
+    found = []
+    for child in folder.iterdir():
+        match = _NUMBERED_CHECKPOINT.match(child.name)
+        if match and child.is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def load_resumable(last: PathLike, map_location: Union[str, torch.device] = "cpu", *, trusted: bool = False,
+                   warn: bool = True) -> Tuple[Path, Dict[str, Any]]:
+    """`(path, checkpoint)` of `last` (a run's `last.pt`), or, when that file cannot be
+    read (a bad copy, a disk fault), of the newest readable `ckpt_<iteration>.pt` beside
+    it, with a warning that names both. Raises the error of `last` if none loads."""
+    last = Path(last)
+    try:
+        return last, load_checkpoint(last, map_location=map_location, trusted=trusted)
+    except CheckpointError as err:
+        for _, candidate in reversed(numbered_checkpoints(last.parent)):
+            try:
+                ckpt = load_checkpoint(candidate, map_location=map_location, trusted=trusted)
+            except CheckpointError:
+                continue
+            if warn:
+                warnings.warn(f"{err}\nResuming from {candidate} instead.")
+            return candidate, ckpt
+        raise
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Make `dst` a copy of `src` atomically (a hard link when the file system allows)."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _nonfinite_entries(state_dict: Dict[str, torch.Tensor]) -> List[str]:
+    return [k for k, v in state_dict.items()
+            if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def _describe_images(paths: Any, limit: int = 8) -> str:
+    """'a.jpg, b.jpg, ... (N images)' for the paths of a batch."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    try:
+        names = [str(p) for p in paths]
+    except TypeError:
+        return "unknown images"
+    shown = ", ".join(names[:limit]) + (f", ... ({len(names)} images)" if len(names) > limit else "")
+    return shown or "no image names"
+
+
+def _rollback_after_nonfinite(checkpoint_dir: Path, bad_iteration: int, written: Sequence[int],
+                              resumed_from: Optional[int]) -> Optional[Tuple[int, Path]]:
+    """Point `last.pt` at the newest kept checkpoint from before `bad_iteration`.
+
+    Only this run's checkpoints count: those it `written`, and those up to
+    `resumed_from` when it resumed (files of an unrelated earlier run in the folder
+    are left alone). Checkpoints at or after `bad_iteration` hold the state that
+    produced the non-finite values (resuming them would fail again at the same batch):
+    they are renamed `ckpt_<it>.nonfinite.pt` (kept for inspection, never chosen again).
+    Returns `(iteration, path)` of the checkpoint now in `last.pt`, or None.
+    """
+    ours = [(i, p) for i, p in numbered_checkpoints(checkpoint_dir)
+            if i in set(written) or (resumed_from is not None and i <= resumed_from)]
+    for iteration, path in ours:
+        if iteration >= bad_iteration:
+            os.replace(path, path.with_name(f"ckpt_{iteration:07d}.nonfinite.pt"))
+    good = [(i, p) for i, p in ours if i < bad_iteration]
+    if not good:
+        last = checkpoint_dir / "last.pt"
+        if ours and last.is_file():  # the state that produced the NaN must not be resumed by default
+            os.replace(last, checkpoint_dir / f"last.nonfinite_{bad_iteration:07d}.pt")
+        return None
+    iteration, path = good[-1]
+    _link_or_copy(path, checkpoint_dir / "last.pt")
+    return iteration, path
 
 
 def _unwrap_model(model: nn.Module) -> nn.Module:
@@ -978,6 +1208,9 @@ def train_detector(
     val_fn: Optional[Callable[[nn.Module], Dict[str, float]]] = None,
     val_period: Optional[int] = None,
     model_config: Optional[Dict[str, Any]] = None,
+    keep_checkpoints: int = 3,
+    skip_nonfinite: int = 0,
+    trust_checkpoint: bool = False,
 ) -> Dict[str, list]:
     """Train the detector with SGD (momentum 0.9) and return the loss history.
 
@@ -998,12 +1231,21 @@ def train_detector(
             and on CPUs with hardware bfloat16 (AMX / AVX512-BF16), off otherwise.
         amp_dtype: autocast dtype; default `autocast_dtype(device)`: float16 (with a
             GradScaler) on CUDA, bfloat16 on CPU.
-        checkpoint_dir: where `last.pt` is written every `checkpoint_period`
-            iterations and at the end (atomically). It holds model, optimizer,
-            scheduler, scaler, iteration, seed, RNG states, history and `model_config`.
+        checkpoint_dir: where `ckpt_<iteration>.pt` is written every
+            `checkpoint_period` iterations and at the end (atomically), and `last.pt`
+            made the same file. It holds model, optimizer, scheduler, scaler,
+            iteration, seed, RNG states, history and `model_config`, all loadable with
+            `weights_only=True`. A state with non-finite weights is never saved.
+        keep_checkpoints: how many `ckpt_<iteration>.pt` to keep (>= 1, newest first);
+            the older ones let a non-finite loss roll back past the bad state.
         resume: True resumes from `checkpoint_dir/last.pt` if it exists; a path resumes
             from that file. On CPU with a fixed seed the resumed run logs exactly the
             same losses as an uninterrupted one.
+        skip_nonfinite: how many batches whose loss or gradient is NaN / infinite may
+            be skipped (no update; named in a warning and in `history["skipped"]`)
+            before training stops with FloatingPointError. Default 0: stop at the first.
+        trust_checkpoint: allow resuming from a file that needs arbitrary unpickling
+            (see `load_checkpoint`).
         seed: seeds the data order and augmentation; default: drawn from torch's RNG
             (so `reset_seed(n)` beforehand makes training reproducible).
         val_fn: `val_fn(detector) -> dict of metrics`, run (on rank 0) every
@@ -1015,14 +1257,26 @@ def train_detector(
             list per loss term, plus "val" (list of dicts).
 
     Raises:
-        FloatingPointError: when a loss becomes NaN or infinite; the last good state
-            is saved to `checkpoint_dir/last.pt` first.
+        FloatingPointError: when a loss or gradient becomes NaN or infinite (after
+            `skip_nonfinite` skipped batches). The message names the iteration and the
+            batch's images. Nothing is saved at that point: `last.pt` is rolled back to
+            the newest kept checkpoint from *before* that iteration (a later one, or the
+            state just before the bad batch, would fail again at the same batch), so
+            `resume=True` with a lower learning rate or stronger clipping continues from a
+            good state. Checkpoints from that iteration on become `ckpt_<it>.nonfinite.pt`.
 
     Under `torchrun` (WORLD_SIZE > 1) the detector is wrapped in
     DistributedDataParallel (gloo on CPU, NCCL on GPU), each rank reads its own shard
     of every epoch, losses are averaged across ranks for logging, and only rank 0
     prints, saves checkpoints and runs `val_fn`.
     """
+    if int(keep_checkpoints) < 1:
+        raise ValueError(f"keep_checkpoints must be >= 1, not {keep_checkpoints}")
+    if int(skip_nonfinite) < 0:
+        raise ValueError(f"skip_nonfinite must be >= 0, not {skip_nonfinite}")
+    for name, value in (("max_iters", max_iters), ("log_period", log_period), ("checkpoint_period", checkpoint_period)):
+        if int(value) < (0 if name == "max_iters" else 1):
+            raise ValueError(f"{name} must be {'>= 0' if name == 'max_iters' else '>= 1'}, not {value}")
     rank, world, device = init_distributed(device)
     detector.to(device)
     model: nn.Module = detector
@@ -1058,7 +1312,11 @@ def train_detector(
                 print(f"No checkpoint at {resume_path}; starting from scratch.")
             resume_path = None
     if resume_path is not None:
-        ckpt = load_checkpoint(resume_path, map_location=device)
+        if isinstance(resume, bool):  # last.pt, or the newest readable ckpt_*.pt if it is damaged
+            resume_path, ckpt = load_resumable(resume_path, map_location=device, trusted=trust_checkpoint,
+                                               warn=rank == 0)
+        else:  # an explicitly named file is never replaced by another
+            ckpt = load_checkpoint(resume_path, map_location=device, trusted=trust_checkpoint)
         detector.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt.get("scaler") or {})
@@ -1116,13 +1374,24 @@ def train_detector(
     def save(iteration: int, rng: Dict[str, Any]) -> None:
         state = make_state(iteration, rng)  # collective under DDP: all ranks call it
         if rank == 0 and ckpt_path is not None:
-            save_checkpoint(state, ckpt_path)
+            bad = _nonfinite_entries(state["model"])
+            if bad:  # never replace a good state with a bad one
+                warnings.warn(f"Not saving the checkpoint of iteration {iteration}: non-finite values in "
+                              f"{', '.join(bad[:5])}; {ckpt_path} keeps the last good state.")
+                return
+            numbered = ckpt_path.parent / f"ckpt_{iteration:07d}.pt"
+            save_checkpoint(state, numbered)
+            written.append(iteration)
+            _link_or_copy(numbered, ckpt_path)
+            for _, old_path in numbered_checkpoints(ckpt_path.parent)[:-int(keep_checkpoints)]:
+                old_path.unlink(missing_ok=True)
 
+    skipped = history.setdefault("skipped", [])
+    written: List[int] = []  # iterations of the checkpoints this call saved
     model.train()
     bar = tqdm(total=max_iters, initial=start_iter, desc="train", dynamic_ncols=True, disable=not progress or rank != 0)
     for it in range(start_iter, max_iters):
-        rng_before = _rng_state() if ckpt_path is not None else None
-        _, images, gt_boxes = next(batches)
+        paths, images, gt_boxes = next(batches)
         images = move_to_device(images, device)
         gt_boxes = gt_boxes.to(device)
 
@@ -1138,23 +1407,51 @@ def train_detector(
             dist.all_reduce(values)
             values /= world
         values = values.tolist()
+        problem = None
         if not all(math.isfinite(v) for v in values):
             terms = ", ".join(f"{k}={v:.4g}" for k, v in zip(losses, values[1:]))
-            where = "no checkpoint_dir was given, nothing saved"
-            if ckpt_path is not None:
-                save(it, rng_before)  # parameters are still those before this iteration
-                where = f"saved the last good state (iteration {it}) to {ckpt_path}"
-            bar.close()
-            raise FloatingPointError(
-                f"Non-finite loss at iteration {it}: total={values[0]:.4g} ({terms}); {where}. "
-                "Try a lower learning rate or stronger gradient clipping."
-            )
+            problem = f"Non-finite loss at iteration {it}: total={values[0]:.4g} ({terms})"
 
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(total_loss).backward()
-        if grad_clip is not None:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        if problem is None:
+            scaler.scale(total_loss).backward()
+            if grad_clip is not None or not scaler.is_enabled():
+                scaler.unscale_(optimizer)
+                # max_norm=inf only measures; the fp16 GradScaler skips inf steps by itself.
+                norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip is not None else float("inf"))
+                if not scaler.is_enabled() and not math.isfinite(float(norm)):
+                    problem = f"Non-finite gradient norm ({float(norm):.4g}) at iteration {it}"
+        if problem is not None:
+            optimizer.zero_grad(set_to_none=True)
+            images_text = _describe_images(paths)
+            if len(skipped) < int(skip_nonfinite):
+                skipped.append({"iteration": it, "images": [str(p) for p in paths] if not isinstance(paths, str) else [paths]})
+                if rank == 0:
+                    warnings.warn(f"{problem}; skipped the batch of images {images_text} "
+                                  f"({len(skipped)} of at most {skip_nonfinite} skips).")
+                scheduler.step()
+                bar.update(1)
+                done = it + 1
+                if ckpt_path is not None and (done % checkpoint_period == 0 or done == max_iters):
+                    save(done, _rng_state())
+                continue
+            where = "no checkpoint_dir was given, nothing saved"
+            if ckpt_path is not None:
+                rolled = None
+                if rank == 0:
+                    rolled = _rollback_after_nonfinite(ckpt_path.parent, it, written,
+                                                       start_iter if resume_path is not None else None)
+                if rolled is not None:
+                    where = (f"{ckpt_path} now holds the last good checkpoint, iteration {rolled[0]} ({rolled[1].name}); "
+                             "nothing was overwritten")
+                else:
+                    where = (f"there is no good checkpoint from before iteration {it} in {ckpt_path.parent}, so "
+                             "nothing was saved (the state just before this batch would fail again at it)")
+            bar.close()
+            raise FloatingPointError(
+                f"{problem}, batch images: {images_text}; {where}. Resume with a lower learning rate or stronger "
+                "gradient clipping, or skip such batches with skip_nonfinite=N (command line: --skip-nonfinite N)."
+            )
         scaler.step(optimizer)
         scaler.update()
         lr = optimizer.param_groups[0]["lr"]
@@ -1200,7 +1497,60 @@ def train_detector(
 # ======================================================================================
 
 FEATURE_LEVELS = ("c3", "c4", "c5")
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: image content hashes in the key, per-file checksums
+_CACHE_FILES = tuple(f"{level}.npy" for level in FEATURE_LEVELS) + ("gt_boxes.npy",)
+
+
+def _file_crc32(path: Path, chunk: int = 1 << 24) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            crc = zlib.crc32(block, crc)
+    return f"{crc:08x}"
+
+
+def _image_fingerprints(paths: Sequence[str], previous: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """`{path: [size, mtime_ns, sha1 of the content]}` for the image files.
+
+    Fast path: a file whose size and modification time match `previous` keeps its
+    recorded hash; any other file is read and hashed, so an image replaced under the
+    same name changes the cache key even when its size is the same."""
+    previous = previous or {}
+    result: Dict[str, Any] = {}
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            result[path] = None  # not a file (a synthetic dataset): the key covers its description only
+            continue
+        old = previous.get(path)
+        if old and old[0] == st.st_size and old[1] == st.st_mtime_ns:
+            result[path] = list(old)
+            continue
+        h = hashlib.sha1()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        result[path] = [st.st_size, st.st_mtime_ns, h.hexdigest()]
+    return result
+
+
+def _check_cache_files(cache_path: Path, checksums: Dict[str, Any]) -> Optional[str]:
+    """None if every cache file has its recorded size and checksum, else what is wrong
+    (naming the file)."""
+    if not checksums:
+        return f"{cache_path / 'meta.json'} records no checksums"
+    for name in _CACHE_FILES:
+        path = cache_path / name
+        want = checksums.get(name) or {}
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != want.get("size"):
+            return f"{path} has {size} bytes, expected {want.get('size')} (truncated or overwritten)"
+        if _file_crc32(path) != want.get("crc32"):
+            return f"{path} does not match its checksum (corrupt)"
+    return None
 
 
 def _backbone_of(module: nn.Module) -> nn.Module:
@@ -1305,10 +1655,12 @@ collate_cached = CachedFeatureDataset.collate_fn
 
 
 def _cache_key(backbone: nn.Module, dataset: Dataset, base_indices: List[int], variants: Sequence[str],
-               storage_dtype: torch.dtype, seed: int) -> Dict[str, Any]:
+               storage_dtype: torch.dtype, seed: int, fingerprints: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     items = [getattr(dataset, "instances", [None] * (max(base_indices) + 1))[i] for i in base_indices]
     items_hash = hashlib.sha1(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()
+    contents = [fp[2] if fp else None for fp in (fingerprints or {}).values()]
     return {
+        "content_hash": hashlib.sha1(json.dumps(contents).encode()).hexdigest(),
         "version": _CACHE_VERSION,
         "backbone_name": str(getattr(backbone, "backbone_name", type(backbone).__name__)),
         "weights_name": str(getattr(backbone, "weights_name", "unknown")),
@@ -1350,8 +1702,12 @@ def build_feature_cache(
             per level plus `gt_boxes.npy` and `meta.json`, reused by later runs when the
             key matches. The key covers backbone name, weights name, a hash of the
             backbone weights, image size, transform, variants, storage dtype and the
-            list of images; a mismatched or incomplete cache is rebuilt
-            (`on_mismatch="rebuild"`) or refused (`on_mismatch="error"`), never reused.
+            list of images with a hash of each image file's content (re-read only when a
+            file's size or modification time changed), so an image replaced under the
+            same name is noticed. `meta.json` records each cache file's size and CRC32,
+            checked on every load. A mismatched, incomplete, truncated or corrupt cache
+            is named and rebuilt (`on_mismatch="rebuild"`) or refused
+            (`on_mismatch="error"`), never reused.
         storage_dtype: torch.float16 (default, half the memory) or torch.float32.
 
     Returns: a CachedFeatureDataset.
@@ -1371,27 +1727,54 @@ def build_feature_cache(
     if not hasattr(base, "get_variant"):
         raise TypeError("dataset must provide get_variant(index, variant) (VOC2007DetectionTiny does)")
     variants = list(variants)
+    if not variants:
+        raise ValueError("variants must name at least one of 'orig', 'flip', 'jitter<k>'")
     N, V = len(base_indices), len(variants)
-    key = _cache_key(fpn_backbone, base, base_indices, variants, storage_dtype, seed)
     paths = [base.instances[i][0] for i in base_indices] if hasattr(base, "instances") else [str(i) for i in base_indices]
     np_dtype = np.float16 if storage_dtype == torch.float16 else np.float32
 
     cache_path = Path(cache_dir) if cache_dir is not None else None
+    meta: Dict[str, Any] = {}
     if cache_path is not None and (cache_path / "meta.json").is_file():
         try:
             meta = json.loads((cache_path / "meta.json").read_text())
         except json.JSONDecodeError:
-            meta = {}
-        if meta.get("complete") and meta.get("key") == key:
-            feats = {k: np.load(cache_path / f"{k}.npy", mmap_mode="r") for k in FEATURE_LEVELS}
-            gt = torch.from_numpy(np.load(cache_path / "gt_boxes.npy"))
-            if progress:
-                print(f"Loaded feature cache from {cache_path} ({N} images x {V} variants).")
-            return CachedFeatureDataset(feats, gt, paths, variants, meta)
-        old = meta.get("key") or {}
-        diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
-        reason = "it is incomplete" if not meta.get("complete") else f"it differs in {', '.join(diff)}"
-        message = f"Feature cache at {cache_path} does not match this backbone/dataset ({reason})"
+            meta = {"corrupt": True}
+    # Content hashes matter only for a cache on disk, which a later run may reuse.
+    fingerprints = _image_fingerprints(paths, meta.get("files")) if cache_path is not None else {}
+    key = _cache_key(fpn_backbone, base, base_indices, variants, storage_dtype, seed, fingerprints)
+    if cache_path is not None and (cache_path / "meta.json").is_file():
+        problem = None
+        if meta.get("corrupt"):
+            problem = f"{cache_path / 'meta.json'} is not valid JSON (corrupt)"
+        elif meta.get("complete") and meta.get("key") == key:
+            problem = _check_cache_files(cache_path, meta.get("checksums") or {})
+            if problem is None:
+                try:
+                    feats = {k: np.load(cache_path / f"{k}.npy", mmap_mode="r") for k in FEATURE_LEVELS}
+                    gt = torch.from_numpy(np.load(cache_path / "gt_boxes.npy"))
+                except (ValueError, OSError, EOFError) as err:
+                    problem = f"a file under {cache_path} cannot be read ({err})"
+                else:
+                    if meta.get("files") != fingerprints:  # same contents, new mtimes: refresh the fast path
+                        meta["files"] = fingerprints
+                        tmp = cache_path / "meta.json.tmp"
+                        tmp.write_text(json.dumps(meta, indent=1))
+                        os.replace(tmp, cache_path / "meta.json")
+                    if progress:
+                        print(f"Loaded feature cache from {cache_path} ({N} images x {V} variants).")
+                    return CachedFeatureDataset(feats, gt, paths, variants, meta)
+        if problem is not None:
+            message = f"Feature cache at {cache_path} is damaged: {problem}"
+        else:
+            old = meta.get("key") or {}
+            diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
+            reason = "it is incomplete" if not meta.get("complete") else f"it differs in {', '.join(diff)}"
+            if "content_hash" in diff and isinstance(meta.get("files"), dict):
+                changed = [p for p, fp in fingerprints.items() if fp and (meta["files"].get(p) or [None] * 3)[2] != fp[2]]
+                if changed:
+                    reason += f"; changed images: {', '.join(changed[:5])}" + (" ..." if len(changed) > 5 else "")
+            message = f"Feature cache at {cache_path} does not match this backbone/dataset ({reason})"
         if on_mismatch == "error":
             raise RuntimeError(message + "; delete it or choose another cache_dir.")
         print(message + "; rebuilding it.")
@@ -1431,6 +1814,9 @@ def build_feature_cache(
         for level in FEATURE_LEVELS:
             store[level].flush()
         np.save(cache_path / "gt_boxes.npy", gt_all.numpy())
+        meta["files"] = fingerprints
+        meta["checksums"] = {name: {"size": (cache_path / name).stat().st_size, "crc32": _file_crc32(cache_path / name)}
+                             for name in _CACHE_FILES}
         tmp = cache_path / "meta.json.tmp"
         tmp.write_text(json.dumps(meta, indent=1))
         os.replace(tmp, cache_path / "meta.json")
@@ -1446,17 +1832,24 @@ GroundTruths = Dict[str, List[Tuple[str, Sequence[float], bool]]]
 Detections = List[Tuple[str, str, float, Sequence[float]]]
 
 
-def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool = False) -> float:
+def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool = False,
+           exact_tenths: bool = False) -> float:
     """Average precision from a precision/recall curve (detections sorted by score).
 
     use_07_metric=True: VOC2007's 11-point interpolation, the mean over recall
-        thresholds t in {0, 0.1, ..., 1} of the best precision at recall >= t.
+        thresholds t of the best precision at recall >= t (0 when no point reaches t).
+        The thresholds are the devkit's `np.arange(0, 1.1, 0.1)`, as in the code that
+        produced the published numbers and in other toolkits; there 0.3 is
+        0.30000000000000004, so a curve that reaches recall 0.3 exactly does not count
+        at that threshold. `exact_tenths=True` uses exact 0, 0.1, ..., 1 instead (can
+        differ by up to ~0.09 AP on classes with few boxes).
     use_07_metric=False: VOC2010+ "all-point" AP, the exact area under the
         precision envelope (precision made non-increasing from the right).
     """
     if use_07_metric:
         ap = 0.0
-        for t in [i / 10 for i in range(11)]:  # exact tenths (the devkit's arange drifts)
+        thresholds = [i / 10 for i in range(11)] if exact_tenths else np.arange(0.0, 1.1, 0.1)
+        for t in thresholds:
             mask = recall >= t
             ap += (float(np.max(precision[mask])) if mask.any() else 0.0) / 11.0
         return ap
@@ -1485,6 +1878,7 @@ def compute_voc_map(
     iou_threshold: float = 0.5,
     use_07_metric: bool = False,
     return_curves: bool = False,
+    exact_tenths: bool = False,
 ) -> Dict[str, Any]:
     """PASCAL VOC mean average precision, following the devkit's `voc_eval`.
 
@@ -1493,7 +1887,8 @@ def compute_voc_map(
             in original image pixels; list every evaluated image, even without objects.
         detections: `[(image_id, class_name, score, [x1, y1, x2, y2]), ...]`.
         iou_threshold: a detection matches when IoU > threshold (strictly, as the devkit).
-        use_07_metric: 11-point AP (VOC2007) instead of all-point AP (VOC2010+).
+        use_07_metric: 11-point AP (VOC2007) instead of all-point AP (VOC2010+), with
+            the devkit's recall thresholds (see `voc_ap`); `exact_tenths=True` for exact tenths.
 
     Rules: per class, detections are visited by decreasing score; each is matched to
     the ground-truth box it overlaps most in its image. Above the threshold it is a
@@ -1560,7 +1955,7 @@ def compute_voc_map(
         tp_cum, fp_cum = np.cumsum(tp), np.cumsum(fp)
         recall = tp_cum / npos
         precision = tp_cum / np.maximum(tp_cum + fp_cum, np.finfo(np.float64).eps)
-        aps[cls] = voc_ap(recall, precision, use_07_metric) if len(dets) else 0.0
+        aps[cls] = voc_ap(recall, precision, use_07_metric, exact_tenths) if len(dets) else 0.0
         curves[cls] = {"recall": recall.tolist(), "precision": precision.tolist()}
     valid = [ap for ap in aps.values() if not math.isnan(ap)]
     result: Dict[str, Any] = {"mAP": float(np.mean(valid)) if valid else float("nan"), "per_class": aps}
@@ -1704,6 +2099,7 @@ def collect_predictions(
     ground_truths: GroundTruths = {}
     detections: Detections = []
     loader = _indexed_loader(dataset, batch_size, num_workers)
+    nonfinite_images: List[str] = []
     for indices, (paths, images, gt_boxes) in tqdm(loader, desc="evaluate", disable=not progress, dynamic_ncols=True):
         images = images.to(device=device, dtype=dtype)
         with _eval_autocast(device, amp):
@@ -1716,6 +2112,10 @@ def collect_predictions(
             labels = out["labels"].detach().cpu().long()
             scores = out["scores"].detach().float().cpu()
             valid = labels >= 0
+            finite = torch.isfinite(scores) & torch.isfinite(boxes).all(dim=1)
+            if not bool(finite[valid].all()):  # a diverged model: drop, but say so
+                nonfinite_images.append(Path(path).name)
+            valid &= finite
             boxes, labels, scores = boxes[valid], labels[valid], scores[valid]
             if len(scores) > max_detections:
                 top = scores.argsort(descending=True)[:max_detections]
@@ -1729,6 +2129,10 @@ def collect_predictions(
             for box, label, score in zip(boxes.tolist(), labels.tolist(), scores.tolist()):
                 detections.append((image_id, class_names[label], score, box))
     detector.train(was_training)
+    if nonfinite_images:
+        warnings.warn(f"Dropped NaN / infinite detections (boxes or scores) in {len(nonfinite_images)} images: "
+                      + ", ".join(nonfinite_images[:5]) + (" ..." if len(nonfinite_images) > 5 else "")
+                      + ". The model has probably diverged.")
     return ground_truths, detections
 
 
@@ -1748,6 +2152,7 @@ def evaluate_detector(
     amp: bool = False,
     progress: bool = True,
     return_curves: bool = False,
+    exact_tenths: bool = False,
 ) -> Dict[str, Any]:
     """Honest evaluation: batched inference over every image, VOC mAP + COCO cross-check.
 
@@ -1765,7 +2170,8 @@ def evaluate_detector(
         detector, dataset, batch_size, score_thresh, nms_thresh, device, dtype, num_workers, max_detections, amp, progress
     )
     class_names = _class_names_of(_unwrap_subset(dataset)[0])
-    result = compute_voc_map(ground_truths, detections, class_names, iou_threshold, use_07_metric, return_curves)
+    result = compute_voc_map(ground_truths, detections, class_names, iou_threshold, use_07_metric, return_curves,
+                             exact_tenths=exact_tenths)
     nan = float("nan")
     cm = compute_coco_map(ground_truths, detections, class_names) if coco else {"mAP": nan, "AP50": nan, "AP75": nan}
     result.update({"coco_mAP": cm["mAP"], "coco_AP50": cm["AP50"], "coco_AP75": cm["AP75"],
@@ -2146,9 +2552,11 @@ def build_detector(config: Dict[str, Any], pretrained: Optional[bool] = None) ->
     return DETECTOR_BUILDERS[name](**kwargs)
 
 
-def load_detector(checkpoint: PathLike, device: Union[str, torch.device] = "cpu") -> Tuple[nn.Module, Dict[str, Any]]:
-    """Build the detector described by a checkpoint and load its weights."""
-    ckpt = load_checkpoint(checkpoint)
+def load_detector(checkpoint: PathLike, device: Union[str, torch.device] = "cpu", *,
+                  trusted: bool = False) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Build the detector described by a checkpoint and load its weights (safely: see
+    `load_checkpoint` for `trusted`)."""
+    ckpt = load_checkpoint(checkpoint, trusted=trusted)
     config = ckpt.get("config")
     if not config:
         raise ValueError(f"{checkpoint} holds no model config; it was not written by a5_helper's command line")
@@ -2218,12 +2626,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.amp is None:
         args.amp = default_amp(device)  # resolved here so that metrics.json records what ran
 
+    if args.frozen_backbone and not args.pretrained and rank == 0:
+        warnings.warn("--no-pretrained with a frozen backbone: the backbone keeps its random initialisation "
+                      "and never trains, so only the FPN and heads learn (low accuracy). Pass --no-frozen-backbone "
+                      "to train it, or drop --no-pretrained.")
+
     config: Dict[str, Any] = {
         "detector": args.detector,
         "image_size": args.image_size,
         "class_names": VOC_CLASSES,
         "kwargs": {"num_classes": len(VOC_CLASSES), "backbone": args.backbone, "pretrained": args.pretrained,
                    "freeze_backbone": args.frozen_backbone},
+        # The data settings that shape what the model learns (checked by --resume).
+        "data": {"max_train_images": args.max_train_images, "cache_features": bool(args.cache_features),
+                 "cache_variants": args.cache_variants if args.cache_features else None},
     }
     # Widths default to each detector's course configuration (FCOS 128, Faster R-CNN 64).
     if args.fpn_channels is not None:
@@ -2231,11 +2647,39 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.stem_channels is not None:
         config["kwargs"]["stem_channels"] = _int_list(args.stem_channels)
     resume_ckpt = out / "last.pt"
+    existing = sorted(n for n in ("last.pt", "model_final.pt", "metrics.json") if (out / n).is_file())
+    existing += [p.name for _, p in numbered_checkpoints(out)]
+    changed: List[str] = []
+    if not args.resume and existing:
+        if not args.overwrite:
+            raise SystemExit(f"{out} already holds a run ({', '.join(existing)}). Pass --resume to continue it, "
+                             "--overwrite to replace it (its checkpoints are deleted), or another --out.")
+        if rank == 0:
+            for name in existing:
+                (out / name).unlink(missing_ok=True)
+            print(f"--overwrite: deleted {', '.join(existing)} in {out}.")
     if args.resume and resume_ckpt.is_file():
-        stored = load_checkpoint(resume_ckpt).get("config")
+        stored = load_resumable(resume_ckpt, trusted=args.trust_checkpoint, warn=False)[1].get("config")
         if stored:
-            config = stored  # resume the model that was trained, whatever the flags say
+            changed = _config_differences(stored, config)
+            if changed and not args.allow_changed_settings:
+                raise SystemExit(
+                    f"--resume: {resume_ckpt} was trained with other settings (stored -> requested):\n  "
+                    + "\n  ".join(changed)
+                    + "\nRerun with the stored settings, use another --out for a new run, or pass "
+                      "--allow-changed-settings to continue the stored model with the new data settings."
+                )
+            # The architecture cannot change under a checkpoint: the stored model is resumed.
+            # Data settings come from this command line and are recorded as such.
+            config = {**stored, "image_size": config["image_size"], "data": config["data"]}
+            if changed and rank == 0:
+                print("--allow-changed-settings: continuing the stored model "
+                      f"({config['detector']}, {config['kwargs'].get('backbone')}) with: " + "; ".join(changed))
     detector = build_detector(config)
+    if rank == 0:
+        run_record = {"config": config, "command": sys.argv, "resumed": bool(args.resume and resume_ckpt.is_file()),
+                      "changed_settings": changed}
+        (out / "run.json").write_text(json.dumps(_json_safe(run_record), indent=2))
 
     train_set = VOC2007DetectionTiny(args.data_dir, "train", download=args.download, image_size=args.image_size)
     train_set = _first_n(train_set, args.max_train_images)
@@ -2264,6 +2708,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         grad_clip=args.grad_clip if args.grad_clip > 0 else None, checkpoint_dir=out,
         checkpoint_period=args.checkpoint_period, resume=args.resume, seed=args.seed,
         progress=not args.no_progress, model_config=config, amp=args.amp,
+        keep_checkpoints=args.keep_checkpoints, skip_nonfinite=args.skip_nonfinite,
+        trust_checkpoint=args.trust_checkpoint,
     )
     train_seconds = time.time() - start - cache_seconds
     if rank != 0:
@@ -2286,7 +2732,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     }
     (out / "metrics.json").write_text(json.dumps(_json_safe(summary), indent=2))
     lines = [
-        f"detector: {args.detector} ({config['kwargs'].get('backbone')}, frozen={config['kwargs'].get('freeze_backbone')}, "
+        f"detector: {config['detector']} ({config['kwargs'].get('backbone')}, frozen={config['kwargs'].get('freeze_backbone')}, "
         f"cached features={args.cache_features})",
         f"iterations: {args.iters}, batch size {args.batch_size}, image size {args.image_size}, lr {args.lr}",
         f"time: cache {cache_seconds:.0f}s, train {train_seconds:.0f}s, total {total_seconds:.0f}s on {device}",
@@ -2295,6 +2741,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         f"val mAP@0.5 (VOC, all-point): {metrics['mAP']:.4f}",
         f"val COCO mAP@[.5:.95]: {metrics['coco_mAP']:.4f} (AP50 {metrics['coco_AP50']:.4f})",
     ]
+    if changed:
+        lines.insert(1, "resumed with changed settings (--allow-changed-settings): " + "; ".join(changed))
+    if history.get("skipped"):
+        lines.insert(1, f"skipped non-finite batches at iterations {[s['iteration'] for s in history['skipped']]}")
     (out / "summary.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[-3:]))
     print(f"final val mAP: {metrics['mAP']:.4f}")
@@ -2303,14 +2753,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_differences(stored: Dict[str, Any], requested: Dict[str, Any], prefix: str = "") -> List[str]:
+    """`["image_size: 224 -> 64", ...]` for the settings that differ (keys a stored
+    config does not record, from older versions, are not compared)."""
+    lines = []
+    for key in sorted(set(stored) | set(requested)):
+        if key == "class_names" or key not in stored or key not in requested:
+            continue
+        a, b = stored[key], requested[key]
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += _config_differences(a, b, f"{prefix}{key}.")
+        elif (list(a) if isinstance(a, tuple) else a) != (list(b) if isinstance(b, tuple) else b):
+            lines.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return lines
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    detector, config = load_detector(args.checkpoint, device)
+    detector, config = load_detector(args.checkpoint, device, trusted=args.trust_checkpoint)
     dataset = VOC2007DetectionTiny(args.data_dir, args.split, image_size=config.get("image_size", 224), augment=False)
     dataset = _first_n(dataset, args.max_val_images)
     metrics = evaluate_detector(detector, dataset, batch_size=args.batch_size, score_thresh=args.score_thresh,
                                 nms_thresh=args.nms_thresh, device=device, num_workers=args.num_workers,
-                                use_07_metric=args.use_07_metric, progress=not args.no_progress,
+                                use_07_metric=args.use_07_metric, exact_tenths=args.exact_tenths,
+                                progress=not args.no_progress,
                                 return_curves=args.out is not None)
     if args.out:
         out = Path(args.out)
@@ -2326,21 +2792,28 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
-    detector, config = load_detector(args.checkpoint, device)
+    detector, config = load_detector(args.checkpoint, device, trusted=args.trust_checkpoint)
     class_names = config.get("class_names", VOC_CLASSES)
     idx_to_class = dict(enumerate(class_names))
+    image_size = config.get("image_size", 224)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {}
+    results: Dict[str, Any] = {}
+    skipped: Dict[str, str] = {}
     for path in args.images:
-        image, size = load_image_for_inference(path, config.get("image_size", 224))
+        try:  # one unreadable file must not cost the others their results
+            image, size = load_image_for_inference(path, image_size)
+            with Image.open(path) as im:
+                original = np.array(im.convert("RGB"))
+        except (OSError, RuntimeError, ValueError) as err:
+            skipped[str(path)] = str(err)
+            warnings.warn(f"Skipping {path}: {err}")
+            continue
         with torch.no_grad():
             pred = predict_batch(detector, image[None].to(device), args.score_thresh, args.nms_thresh)[0]
         keep = pred["labels"] >= 0
-        boxes = boxes_to_original(pred["boxes"][keep].float().cpu(), size, config.get("image_size", 224))
+        boxes = boxes_to_original(pred["boxes"][keep].float().cpu(), size, image_size)
         labels, scores = pred["labels"][keep].cpu(), pred["scores"][keep].float().cpu()
-        with Image.open(path) as im:
-            original = np.array(im.convert("RGB"))
         rows = torch.cat([boxes, labels[:, None].float(), scores[:, None]], dim=1)
         target = out / f"{Path(path).stem}_pred.png"
         detection_visualizer(original, idx_to_class, pred=rows, save_path=target)
@@ -2348,7 +2821,83 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                               for b, c, s in zip(boxes.tolist(), labels.tolist(), scores.tolist())]
         print(f"{path}: {len(results[str(path)])} detections -> {target}")
     (out / "predictions.json").write_text(json.dumps(results, indent=2))
+    if skipped:
+        (out / "skipped.json").write_text(json.dumps(skipped, indent=2))
+        print(f"{len(skipped)} of {len(args.images)} images could not be read (listed in {out / 'skipped.json'}); "
+              f"predictions for the other {len(results)} are in {out / 'predictions.json'}.", file=sys.stderr)
+        return 1
     return 0
+
+
+# --------------------------------------------------------------------------------------
+# Command-line value checks: argparse reports "argument --OPTION: <message>" and exits 2.
+# --------------------------------------------------------------------------------------
+
+
+def _int_at_least(minimum: int, what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+        return value
+
+    parse.__name__ = what
+    return parse
+
+
+_positive_int = _int_at_least(1, "a positive integer")
+_nonnegative_int = _int_at_least(0, "an integer >= 0")
+
+
+def _float_in(low: float, high: float, low_open: bool = False, what: str = "") -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low or value > high or (low_open and value == low):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    parse.__name__ = what
+    return parse
+
+
+_positive_float = _float_in(0.0, math.inf, low_open=True, what="a positive number")
+_nonnegative_float = _float_in(0.0, math.inf, what="a number >= 0")
+_unit_float = _float_in(0.0, 1.0, what="a number in [0, 1]")
+
+
+def _image_size_arg(text: str) -> int:
+    value = _int_at_least(32, "an integer >= 32")(text)
+    if value % 8:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 8 (the backbone's finest stride), got {value}")
+    return value
+
+
+def _channels_arg(text: str) -> str:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return text
+
+
+def _variants_arg(text: str) -> str:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected at least one of orig, flip, jitter<k>, got {text!r}")
+    bad = [n for n in names if n not in ("orig", "flip") and not (n.startswith("jitter") and n[6:].isdigit())]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown variant {bad[0]!r}: use orig, flip or jitter<k> (k = 0, 1, ...)")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"a variant is listed twice in {text!r}")
+    return ",".join(names)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -2365,12 +2914,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="VOC data folder (VOCdevkit layout and/or voc07_*.json); default: $VOC_ROOT, "
                             "else ../shared/data next to the repository if it exists, else ./data")
         p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
-        p.add_argument("--num-workers", type=int, default=min(2, os.cpu_count() or 1),
+        p.add_argument("--num-workers", type=_nonnegative_int, default=min(2, os.cpu_count() or 1),
                        help="data-loading worker processes")
-        p.add_argument("--score-thresh", type=float, default=0.05, help="score threshold for evaluation detections")
-        p.add_argument("--nms-thresh", type=float, default=0.5, help="NMS IoU threshold at inference")
+        p.add_argument("--score-thresh", type=_unit_float, default=0.05, help="score threshold for evaluation detections")
+        p.add_argument("--nms-thresh", type=_unit_float, default=0.5, help="NMS IoU threshold at inference")
         p.add_argument("--no-progress", action="store_true", help="plain log lines instead of progress bars")
-        p.add_argument("--threads", type=int, default=0,
+        p.add_argument("--threads", type=_nonnegative_int, default=0,
                        help="torch CPU threads (0: torch's default); 1 is often faster on a busy machine")
 
     t = sub.add_parser("train", help="train a detector, evaluate it on val, write plots and metrics",
@@ -2386,40 +2935,52 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--cache-features", action=argparse.BooleanOptionalAction, default=None,
                    help="with --frozen-backbone: compute backbone features once per training image and variant, "
                         "then train from them instead of images. Default: on with --frozen-backbone")
-    t.add_argument("--cache-variants", default=",".join(CPU_RECIPE_CACHE_VARIANTS),
+    t.add_argument("--cache-variants", type=_variants_arg, default=",".join(CPU_RECIPE_CACHE_VARIANTS),
                    help="comma-separated image variants to cache: orig, flip, jitter0, jitter1, ...")
     t.add_argument("--cache-dir", default=None,
                    help="folder for an on-disk feature cache reused by later runs (default: in memory)")
-    t.add_argument("--iters", type=int, default=CPU_RECIPE_ITERS,
+    t.add_argument("--iters", type=_positive_int, default=CPU_RECIPE_ITERS,
                    help="training iterations (the CPU recipe; the course schedule on a GPU is 9000)")
-    t.add_argument("--batch-size", type=int, default=16, help="images per iteration (per process under torchrun)")
-    t.add_argument("--eval-batch-size", type=int, default=None, help="images per inference batch (default: --batch-size)")
-    t.add_argument("--image-size", type=int, default=224, help="images are resized to a square of this side")
-    t.add_argument("--lr", type=float, default=None,
+    t.add_argument("--batch-size", type=_positive_int, default=16, help="images per iteration (per process under torchrun)")
+    t.add_argument("--eval-batch-size", type=_positive_int, default=None, help="images per inference batch (default: --batch-size)")
+    t.add_argument("--image-size", type=_image_size_arg, default=224, help="images are resized to a square of this side")
+    t.add_argument("--lr", type=_positive_float, default=None,
                    help="peak learning rate (SGD, momentum 0.9). Default: the CPU recipe's, "
                         + ", ".join(f"{k} {v:g}" for k, v in CPU_RECIPE_LR.items()))
-    t.add_argument("--weight-decay", type=float, default=1e-4, help="L2 weight decay")
+    t.add_argument("--weight-decay", type=_nonnegative_float, default=1e-4, help="L2 weight decay")
     t.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="mixed precision training (float16 autocast on CUDA, bfloat16 on CPU). Default: on for "
                         "CUDA and for CPUs with hardware bfloat16 (AMX / AVX512-BF16, ~1.8x faster there)")
     t.add_argument("--lr-schedule", choices=["step", "cosine"], default="cosine",
                    help="decay after warm-up: x0.1 at 60%% and 90%% (step) or cosine")
-    t.add_argument("--warmup-iters", type=int, default=None, help="linear warm-up length (default: min(500, iters/10))")
-    t.add_argument("--grad-clip", type=float, default=10.0, help="max gradient norm (0 disables)")
-    t.add_argument("--fpn-channels", type=int, default=None,
+    t.add_argument("--warmup-iters", type=_nonnegative_int, default=None, help="linear warm-up length (default: min(500, iters/10))")
+    t.add_argument("--grad-clip", type=_nonnegative_float, default=10.0, help="max gradient norm (0 disables)")
+    t.add_argument("--fpn-channels", type=_positive_int, default=None,
                    help="FPN output channels (default: the course's, 128 for FCOS, 64 for Faster R-CNN)")
-    t.add_argument("--stem-channels", default=None,
+    t.add_argument("--stem-channels", type=_channels_arg, default=None,
                    help="comma-separated channels of the head stem convs (default: 128,128 for FCOS, 64,64 for "
                         "Faster R-CNN)")
     t.add_argument("--out", default=None,
                    help="output folder for checkpoints, metrics.json, plots, summary.txt (default: runs/DETECTOR)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists")
-    t.add_argument("--checkpoint-period", type=int, default=500, help="save OUT/last.pt every N iterations")
-    t.add_argument("--log-period", type=int, default=20, help="log the losses every N iterations")
-    t.add_argument("--max-train-images", type=int, default=None, help="use only the first N training images")
-    t.add_argument("--max-val-images", type=int, default=None, help="evaluate on the first N val images only")
+    t.add_argument("--checkpoint-period", type=_positive_int, default=500, help="save OUT/last.pt every N iterations")
+    t.add_argument("--log-period", type=_positive_int, default=20, help="log the losses every N iterations")
+    t.add_argument("--max-train-images", type=_positive_int, default=None, help="use only the first N training images")
+    t.add_argument("--max-val-images", type=_positive_int, default=None, help="evaluate on the first N val images only")
     t.add_argument("--seed", type=int, default=0, help="random seed (data order, augmentation, initialisation)")
     t.add_argument("--download", action="store_true", help="download VOC2007 into --data-dir if it is missing")
+    # Faults: existing runs, changed settings, NaN, checkpoint trust (see README "After a crash ...").
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace an existing run in OUT (its checkpoints are deleted) instead of refusing")
+    t.add_argument("--allow-changed-settings", action="store_true",
+                   help="with --resume: continue even if the model or data settings differ from the stored run "
+                        "(the stored model is kept; the new data settings are used and recorded)")
+    t.add_argument("--skip-nonfinite", type=_nonnegative_int, default=0,
+                   help="skip up to N batches whose loss or gradient is NaN/inf (named in a warning) before stopping")
+    t.add_argument("--keep-checkpoints", type=_positive_int, default=3,
+                   help="how many OUT/ckpt_<iteration>.pt to keep (a NaN rolls last.pt back to the newest good one)")
+    t.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow --resume from a file that needs arbitrary unpickling (only for files you trust)")
     common(t)
     t.set_defaults(func=_cmd_train)
 
@@ -2427,10 +2988,14 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     e.add_argument("--checkpoint", required=True, help="last.pt or model_final.pt written by `train`")
     e.add_argument("--split", default="val", help="dataset split to evaluate")
-    e.add_argument("--batch-size", type=int, default=16, help="images per inference batch")
-    e.add_argument("--max-val-images", type=int, default=None, help="evaluate on the first N images only")
+    e.add_argument("--batch-size", type=_positive_int, default=16, help="images per inference batch")
+    e.add_argument("--max-val-images", type=_positive_int, default=None, help="evaluate on the first N images only")
     e.add_argument("--use-07-metric", action="store_true", help="11-point AP (VOC2007) instead of all-point")
     e.add_argument("--out", default=None, help="also write metrics.json and plots here")
+    e.add_argument("--exact-tenths", action="store_true",
+                   help="with --use-07-metric: exact recall thresholds 0, 0.1, ..., 1 instead of the devkit's arange")
+    e.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow a checkpoint that needs arbitrary unpickling (can run code: only files you trust)")
     common(e)
     e.set_defaults(func=_cmd_eval)
 
@@ -2439,10 +3004,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="last.pt or model_final.pt written by `train`")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--out", default="predictions", help="folder for annotated images and predictions.json")
-    p.add_argument("--score-thresh", type=float, default=0.3, help="minimum detection score to draw")
-    p.add_argument("--nms-thresh", type=float, default=0.5, help="NMS IoU threshold")
+    p.add_argument("--score-thresh", type=_unit_float, default=0.3, help="minimum detection score to draw")
+    p.add_argument("--nms-thresh", type=_unit_float, default=0.5, help="NMS IoU threshold")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=_nonnegative_int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow a checkpoint that needs arbitrary unpickling (can run code: only files you trust)")
     p.set_defaults(func=_cmd_predict)
     return parser
 
@@ -2453,6 +3020,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         return args.func(args)
+    except (CheckpointError, FileNotFoundError) as err:  # a bad file: its name, no traceback
+        print(f"a5_helper.py {args.command}: error: {err}", file=sys.stderr)
+        return 2
     finally:
         if dist.is_available() and dist.is_initialized() and "TORCHELASTIC_RUN_ID" in os.environ:
             dist.destroy_process_group()

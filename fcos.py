@@ -204,6 +204,52 @@ def image_size_of(x: ImagesOrFeatures) -> Tuple[int, int]:
     return int(x.shape[-2]), int(x.shape[-1])
 
 
+def as_image_batch(
+    images: Union[ImagesOrFeatures, Sequence[torch.Tensor]],
+) -> Tuple[Optional[ImagesOrFeatures], Optional[List[Tuple[int, int]]]]:
+    """Provided helper for ``predict``: ``(batch, sizes)`` from what a user passes.
+
+    * A ``(B, 3, H, W)`` tensor or a dict of features: returned as is, ``sizes=None``.
+    * A list / tuple of ``(3, H_i, W_i)`` images of any sizes: zero-padded at the bottom
+      and right into one ``(B, 3, H, W)`` batch (``H, W`` the largest sides rounded up to
+      a multiple of 32), with ``sizes = [(H_i, W_i), ...]`` so that the caller can clip
+      each image's boxes to it (padding leaves pixel coordinates unchanged).
+    * An empty list or a batch of zero images: ``(None, [])``.
+    """
+    if isinstance(images, dict):
+        key = "c3" if "c3" in images else next(iter(images))
+        return (None, []) if images[key].shape[0] == 0 else (images, None)
+    if torch.is_tensor(images):
+        return (None, []) if images.shape[0] == 0 else (images, None)
+    images = list(images)
+    if not images:
+        return None, []
+    for i, image in enumerate(images):
+        if not torch.is_tensor(image) or image.dim() != 3:
+            raise ValueError(f"images[{i}]: expected a (3, H, W) tensor, got "
+                             f"{tuple(image.shape) if torch.is_tensor(image) else type(image).__name__}")
+    sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+    H = -(-max(h for h, _ in sizes) // 32) * 32
+    W = -(-max(w for _, w in sizes) // 32) * 32
+    batch = images[0].new_zeros((len(images), images[0].shape[0], H, W))
+    for b, (image, (h, w)) in enumerate(zip(images, sizes)):
+        batch[b, :, :h, :w] = image
+    return batch, sizes
+
+
+def clip_to_image_sizes(
+    detections: List[TensorDict], sizes: Optional[List[Tuple[int, int]]]
+) -> List[TensorDict]:
+    """Provided helper for ``predict``: with the ``sizes`` of ``as_image_batch`` (a padded
+    list of images), clip each image's boxes to its own ``(H_i, W_i)`` and drop the boxes
+    that become empty; ``sizes=None`` (a regular batch): the detections as they are."""
+    for result, (height, width) in zip(detections, sizes or ()):
+        boxes = clip_boxes(result["boxes"], (height, width))
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        result.update({key: value[keep] for key, value in {**result, "boxes": boxes}.items()})
+    return detections
+
+
 class DetectorBackboneWithFPN(nn.Module):
     r"""
     Detection backbone network: a small ImageNet CNN followed by a Feature
@@ -1463,7 +1509,8 @@ class FCOS(nn.Module):
         without autograd.
 
         Args:
-            images: ``(B, 3, H, W)`` images, or a dict of "c3"/"c4"/"c5"
+            images: ``(B, 3, H, W)`` images, a list of ``(3, H_i, W_i)`` images of
+                any sizes (padded, boxes clipped to each image), or a dict of "c3"/"c4"/"c5"
                 backbone features.
             score_thresh: Minimum score ``sqrt(sigmoid(cls) * sigmoid(ctr))``.
             nms_thresh: IoU threshold of class-specific NMS.
@@ -1472,11 +1519,14 @@ class FCOS(nn.Module):
             One dict per image with "boxes" ``(K, 4)`` XYXY, "labels" ``(K,)``
             int64 class ids and "scores" ``(K,)``, by decreasing score.
         """
+        images, sizes = as_image_batch(images)  # lists of any sizes; empty batches
+        if images is None:
+            return []
         was_training = self.training
         self.eval()
         try:
             outputs = self._run_network(images)
-            return self.postprocess(
+            results = self.postprocess(
                 *outputs,
                 image_size=image_size_of(images),
                 score_thresh=score_thresh,
@@ -1484,6 +1534,7 @@ class FCOS(nn.Module):
             )
         finally:
             self.train(was_training)
+        return clip_to_image_sizes(results, sizes)
 
     @torch.no_grad()
     def postprocess(

@@ -53,8 +53,10 @@ from a5.kernels import nms_topk_per_image, roi_align, select_detections
 from fcos import (
     TensorDict,
     _cat_across_fpn_levels,
+    as_image_batch,
     at_least_float32,
     clip_boxes,
+    clip_to_image_sizes,
     float32_or_wider,
     get_fpn_location_coords,
     image_size_of,
@@ -1110,13 +1112,19 @@ class FasterRCNN(nn.Module):
         """
         Detect objects in a batch of images (or cached c3/c4/c5 features). Runs in
         eval mode and restores the previous mode afterwards. The thresholds default to
-        the constructor's ``test_score_thresh`` and ``test_nms_thresh``.
+        the constructor's ``test_score_thresh`` and ``test_nms_thresh``. A list of
+        ``(3, H_i, W_i)`` images of any sizes is padded into one batch (boxes clipped to
+        each image); an empty batch gives ``[]``.
 
         Returns:
             One dict per image with ``"boxes"`` ``(M, 4)``, ``"labels"`` ``(M,)``
             (0-based classes) and ``"scores"`` ``(M,)``, in decreasing score,
             ``M <= detections_per_image``.
         """
+
+        images, sizes = as_image_batch(images)  # lists of any sizes; empty batches
+        if images is None:
+            return []
         was_training = self.training
         self.eval()
         try:
@@ -1126,9 +1134,10 @@ class FasterRCNN(nn.Module):
             proposals = self.rpn(feats_per_fpn_level, strides, image_size=image_size)["proposals"]
             score_thresh = self.test_score_thresh if score_thresh is None else score_thresh
             nms_thresh = self.test_nms_thresh if nms_thresh is None else nms_thresh
-            return self.postprocess(feats_per_fpn_level, proposals, image_size, score_thresh, nms_thresh)
+            results = self.postprocess(feats_per_fpn_level, proposals, image_size, score_thresh, nms_thresh)
         finally:
             self.train(was_training)
+        return clip_to_image_sizes(results, sizes)
 
     @torch.no_grad()
     def postprocess(
