@@ -661,7 +661,11 @@ def download_voc2007(dataset_dir: PathLike, resources: Optional[Dict[str, Any]] 
                 h = hashlib.md5()
                 with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
                     total = int(response.headers.get("Content-Length") or 0) or None
-                    with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {archive.name}") as bar:
+                    if not _use_bar():  # a log file gets one line, not thousands of bar updates
+                        print(f"Downloading {archive.name} ({format_bytes(total) if total else 'size unknown'}) "
+                              f"from {url} ...", flush=True)
+                    with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {archive.name}",
+                              disable=not _use_bar()) as bar:
                         for block in iter(lambda: response.read(1 << 20), b""):
                             out.write(block)
                             h.update(block)
@@ -949,6 +953,275 @@ def _new_history() -> Dict[str, list]:
     return {"iteration": [], "lr": [], "total_loss": [], "val": []}
 
 
+def _loss_stats(history: Dict[str, list], terms: Sequence[str], window: int) -> Dict[str, float]:
+    """Losses for the progress line: means over the last `window` iterations (one batch is
+    noisy), 3 significant digits; loss terms lose their "loss_" prefix ("cls 0.51")."""
+    stats = {"loss": float(f"{np.mean(history['total_loss'][-window:]):.3g}")}
+    for key in terms:
+        if history.get(key):
+            stats[key.replace("loss_", "")] = float(f"{np.mean(history[key][-window:]):.3g}")
+    return stats
+
+
+# ======================================================================================
+# Progress and messages: a bar on a terminal, periodic plain lines in a log file
+# ======================================================================================
+
+# Set by `main()`: messages then name command-line flags ("--no-amp") instead of Python
+# arguments ("amp=False").
+_CLI_ACTIVE = [False]
+
+
+def _arg_name(python: str, flag: str) -> str:
+    """`flag` when the command line is running, else the Python spelling `python`."""
+    return flag if _CLI_ACTIVE[0] else python
+
+
+def plural(count: int, word: str, plural_form: Optional[str] = None) -> str:
+    """`"1 detection"`, `"2 detections"` (`plural_form` for irregular words)."""
+    return f"{count} {word if count == 1 else (plural_form or word + 's')}"
+
+
+def format_bytes(size: float) -> str:
+    """ "512 B", "3.4 MB", "1.9 GB" (powers of 1000)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 999.5 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2g} {unit}" if size < 10 else f"{size:.0f} {unit}"
+        size /= 1000.0
+    return f"{size} TB"  # unreachable
+
+
+def format_duration(seconds: float) -> str:
+    """Short human duration: "45 s", "3.2 min", "1 h 05 min"."""
+    seconds = max(0.0, float(seconds))
+    if seconds < 59.5:
+        return f"{seconds:.0f} s"
+    if seconds < 600:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    hours, minutes = divmod(int(round(seconds / 60)), 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def _format_rate(rate: float, unit: str) -> str:
+    if rate <= 0 or not math.isfinite(rate):
+        return f"? {unit}/s"
+    if rate >= 1:
+        return f"{rate:.3g} {unit}/s"
+    return f"{1 / rate:.3g} s/{unit}"
+
+
+def _format_stat(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def machine_load() -> Optional[Tuple[float, int]]:
+    """`(1-minute load average, number of CPUs)`, or None where the OS has no load average."""
+    try:
+        return os.getloadavg()[0], os.cpu_count() or 1
+    except (AttributeError, OSError):
+        return None
+
+
+def _use_bar() -> bool:
+    """A progress bar only where carriage returns redraw in place: a terminal or Jupyter."""
+    if "ipykernel" in sys.modules:
+        return True
+    try:
+        return sys.stdout.isatty() and sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _progress_mode(progress: Union[bool, str], when_false: str = "off") -> str:
+    """`progress` argument of the long functions -> "auto" | "bar" | "lines" | "off"."""
+    if progress is True:
+        return "auto"
+    if progress is False or progress is None:
+        return when_false
+    if progress not in ("auto", "bar", "lines", "off"):
+        raise ValueError(f"progress must be True, False, 'auto', 'bar', 'lines' or 'off', not {progress!r}")
+    return progress
+
+
+class ProgressReporter:
+    """Progress of one long phase (cache build, training, evaluation).
+
+    On a terminal (or in Jupyter) it is a tqdm bar. Otherwise (output to a log file, or
+    `mode="lines"`) it prints a plain line now and then, which `less` and `grep` read:
+
+        train: iter 500/3500 (14%), loss 1.12, 9.8 it/s, ETA 5.1 min
+
+    A line comes after at least `every` steps and `min_seconds` seconds (default
+    `$A5_PROGRESS_SECONDS`, else 10) since the previous one, and at the first step;
+    `close()` prints the phase's total time. Once the speed is known (after
+    `announce_after` seconds) one line says how long the rest should take. When the speed
+    drops, or the machine is busy (1-minute load average above the number of CPUs, see
+    `machine_load`), the lines say so: that is the usual reason for a sudden long ETA.
+
+    Args:
+        total: number of steps of the phase (iterations, images).
+        desc: the phase's name, the start of every line.
+        count_format: how the count reads, with `{n}` and `{total}`, e.g. "iter {n}/{total}"
+            or "{n}/{total} images".
+        unit: the unit of the speed ("it" -> "9.8 it/s", below 1/s "1.6 s/it").
+        noun: what a step is, for the expected-time line ("iteration", "image").
+        mode: "auto" (bar on a terminal, else lines), "bar", "lines" or "off".
+        initial: steps already done (a resumed run).
+        clock, load: injectable time source and `machine_load` replacement (tests).
+    """
+
+    def __init__(self, total: int, desc: str, *, count_format: str = "{n}/{total}", unit: str = "it",
+                 noun: str = "step", mode: str = "auto", initial: int = 0, every: int = 1,
+                 min_seconds: Optional[float] = None,
+                 announce_after: float = 20.0, clock: Callable[[], float] = time.monotonic,
+                 load: Callable[[], Optional[Tuple[float, int]]] = machine_load, stream: Optional[Any] = None):
+        if mode == "auto":
+            mode = "bar" if _use_bar() else "lines"
+        self.mode, self.total, self.desc, self.unit = mode, int(total), desc, unit
+        self.count_format, self.noun, self.every = count_format, noun, max(1, int(every))
+        if min_seconds is None:
+            min_seconds = float(os.environ.get("A5_PROGRESS_SECONDS", 10))
+        self.min_seconds, self.announce_after = min_seconds, announce_after
+        self.clock, self.load, self.stream = clock, load, stream
+        self.initial = self.n = int(initial)
+        self.stats: Dict[str, Any] = {}
+        self.start = clock()
+        self.samples: List[Tuple[float, int]] = []  # (time, n) after each update, for the recent speed
+        self.last_line: Optional[Tuple[float, int]] = None
+        self.best_rate = 0.0
+        self.announced = False
+        self.busy_noted = False
+        self.closed = False
+        self.bar = None
+        if mode == "bar":
+            self.bar = tqdm(total=self.total, initial=self.n, desc=desc, dynamic_ncols=True, unit=unit)
+
+    # -- output -------------------------------------------------------------------------
+    def write(self, message: str) -> None:
+        """Print a message without breaking the bar."""
+        if self.mode == "off":
+            return
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            print(message, file=self.stream or sys.stdout, flush=True)
+
+    # -- speed --------------------------------------------------------------------------
+    def rate(self, window: float = 60.0) -> float:
+        """Steps per second over the last `window` seconds (the first step, which pays
+        for warm-up, is left out); 0.0 while unknown."""
+        if len(self.samples) < 2:
+            return 0.0
+        t_now, n_now = self.samples[-1]
+        old = next(((t, n) for t, n in self.samples if t_now - t <= window), self.samples[0])
+        if old == self.samples[-1]:
+            old = self.samples[-2]
+        dt = t_now - old[0]
+        return (n_now - old[1]) / dt if dt > 0 else 0.0
+
+    def eta(self) -> Optional[float]:
+        rate = self.rate()
+        return (self.total - self.n) / rate if rate > 0 else None
+
+    def slowdown_note(self) -> str:
+        """Why it is slow, when that can be told: "" on an idle machine at full speed."""
+        rate = self.rate()
+        slowed = self.best_rate > 0 and 0 < rate < 0.6 * self.best_rate
+        load = self.load() if self.load is not None else None
+        busy = load is not None and load[0] > load[1]
+        parts = []
+        if slowed:
+            parts.append(f"slower than the earlier {_format_rate(self.best_rate, self.unit)}")
+        if busy:
+            parts.append(f"machine busy: load average {load[0]:.1f} on {plural(load[1], 'CPU')}")
+        return "; ".join(parts)
+
+    # -- steps --------------------------------------------------------------------------
+    def set_stats(self, **stats: Any) -> None:
+        """Values shown with the progress, e.g. `loss=1.12`."""
+        self.stats.update(stats)
+        if self.bar is not None:
+            self.bar.set_postfix({k: _format_stat(v) for k, v in self.stats.items()}, refresh=False)
+
+    def line(self) -> str:
+        """The plain progress line for the current state."""
+        pct = 100.0 * self.n / self.total if self.total else 100.0
+        parts = [f"{self.desc}: " + self.count_format.format(n=self.n, total=self.total) + f" ({pct:.0f}%)"]
+        parts += [f"{k} {_format_stat(v)}" for k, v in self.stats.items()]
+        rate = self.rate()
+        if rate > 0:
+            parts.append(_format_rate(rate, self.unit))
+            eta = self.eta()
+            if eta is not None and self.n < self.total:
+                parts.append(f"ETA {format_duration(eta)}")
+        note = self.slowdown_note()
+        return ", ".join(parts) + (f" ({note})" if note else "")
+
+    def update(self, n: int = 1, **stats: Any) -> None:
+        if stats:
+            self.set_stats(**stats)
+        self.n += n
+        now = self.clock()
+        self.samples.append((now, self.n))
+        while len(self.samples) > 2 and now - self.samples[1][0] > 120.0:
+            self.samples.pop(0)
+        if self.bar is not None:
+            self.bar.update(n)
+        if self.mode == "off":
+            return
+        first = self.last_line is None
+        due = (not first and self.n - self.last_line[1] >= self.every
+               and now - self.last_line[0] >= self.min_seconds and self.n < self.total)
+        if due or (first and self.n < self.total):
+            rate = self.rate()
+            if self.mode == "lines":
+                self.write(self.line())
+            elif not self.busy_noted:  # the bar shows the speed; say once why it is slow
+                note = self.slowdown_note()
+                if "busy" in note:
+                    self.write(f"{self.desc}: {note}; it will run slower than on an idle machine")
+                    self.busy_noted = True
+            self.best_rate = max(self.best_rate, rate)
+            self.last_line = (now, self.n)
+        if (not self.announced and self.n < self.total and now - self.start >= self.announce_after
+                and len(self.samples) >= 3):
+            self.announced = True
+            eta = self.eta()
+            if eta is not None:
+                finish = time.strftime("%H:%M", time.localtime(time.time() + eta))
+                self.write(f"{self.desc}: {_format_rate(self.rate(), self.unit)}, so the remaining "
+                           f"{plural(self.total - self.n, self.noun)} should take about {format_duration(eta)} "
+                           f"(until about {finish})")
+
+    def close(self) -> float:
+        """End the phase; prints (lines mode) and returns its duration in seconds."""
+        if self.closed:
+            return self.clock() - self.start
+        self.closed = True
+        seconds = self.clock() - self.start
+        if self.bar is not None:
+            self.bar.close()
+        elif self.mode == "lines":
+            done = self.n - self.initial
+            speed = f", {_format_rate(done / seconds, self.unit)}" if seconds > 0 and done > 0 else ""
+            stats = "".join(f", {k} {_format_stat(v)}" for k, v in self.stats.items())
+            self.write(f"{self.desc}: " + self.count_format.format(n=self.n, total=self.total)
+                       + f" done in {format_duration(seconds)}{speed}{stats}")
+        return seconds
+
+    def __enter__(self) -> "ProgressReporter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None and not self.closed:
+            self.bar.close()
+            self.closed = True
+
+
 # ======================================================================================
 # Training: the loop
 # ======================================================================================
@@ -1042,7 +1315,7 @@ def train_detector(
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
     if use_amp and rank == 0:
         print(f"Mixed precision: {str(amp_dtype).replace('torch.', '')} autocast on {device.type} "
-              "(losses in float32; amp=False turns it off).")
+              f"(losses in float32; {_arg_name('amp=False', '--no-amp')} turns it off).")
 
     ckpt_path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir is not None else None
     history = _new_history()
@@ -1119,7 +1392,8 @@ def train_detector(
             save_checkpoint(state, ckpt_path)
 
     model.train()
-    bar = tqdm(total=max_iters, initial=start_iter, desc="train", dynamic_ncols=True, disable=not progress or rank != 0)
+    bar = ProgressReporter(max_iters, "train", count_format="iter {n}/{total}", noun="iteration", initial=start_iter,
+                           every=log_period, mode=_progress_mode(progress, "lines") if rank == 0 else "off")
     for it in range(start_iter, max_iters):
         rng_before = _rng_state() if ckpt_path is not None else None
         _, images, gt_boxes = next(batches)
@@ -1166,15 +1440,9 @@ def train_detector(
         for key, value in zip(losses, values[1:]):
             history.setdefault(key, []).append(value)
 
-        bar.update(1)
         if it % log_period == 0 or it == max_iters - 1:
-            if progress:
-                bar.set_postfix({"loss": f"{values[0]:.3f}", **{k: f"{v:.3f}" for k, v in zip(losses, values[1:])}})
-            elif rank == 0:
-                line = f"[Iter {it}][loss: {values[0]:.3f}]" + "".join(
-                    f"[{k}: {v:.3f}]" for k, v in zip(losses, values[1:])
-                )
-                print(line + f"[lr: {lr:.2e}]", flush=True)
+            bar.set_stats(**_loss_stats(history, list(losses), log_period), lr=float(f"{lr:.3g}"))
+        bar.update(1)
 
         done = it + 1
         if val_fn is not None and ((val_period and done % val_period == 0) or done == max_iters):
@@ -1182,8 +1450,8 @@ def train_detector(
                 with _preserved_rng():
                     metrics = val_fn(detector)
                 history["val"].append({"iteration": done, **metrics})
-                print(f"[Iter {done}] validation: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
-                                                               if isinstance(v, (int, float))))
+                bar.write(f"train: iter {done}, validation: " + ", ".join(
+                    f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float))))
             if world > 1:
                 dist.barrier()
             model.train()
@@ -1360,7 +1628,8 @@ def build_feature_cache(
     inner = getattr(fpn_backbone, "backbone", None)
     if inner is not None and any(p.requires_grad for p in inner.parameters()):
         raise ValueError(
-            "build_feature_cache needs a frozen backbone (build the detector with freeze_backbone=True): "
+            "build_feature_cache needs a frozen backbone (build the detector with "
+            f"{_arg_name('freeze_backbone=True', '--frozen-backbone')}): "
             "features of a backbone that trains would go stale after the first step."
         )
     if storage_dtype not in (torch.float16, torch.float32):
@@ -1385,15 +1654,17 @@ def build_feature_cache(
         if meta.get("complete") and meta.get("key") == key:
             feats = {k: np.load(cache_path / f"{k}.npy", mmap_mode="r") for k in FEATURE_LEVELS}
             gt = torch.from_numpy(np.load(cache_path / "gt_boxes.npy"))
-            if progress:
-                print(f"Loaded feature cache from {cache_path} ({N} images x {V} variants).")
+            if _progress_mode(progress) != "off":
+                size = sum(feats[k].nbytes for k in FEATURE_LEVELS)
+                print(f"Loaded feature cache from {cache_path} ({plural(N, 'image')} x {plural(V, 'variant')}, "
+                      f"{format_bytes(size)}); it was built by an earlier run.")
             return CachedFeatureDataset(feats, gt, paths, variants, meta)
         old = meta.get("key") or {}
         diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
         reason = "it is incomplete" if not meta.get("complete") else f"it differs in {', '.join(diff)}"
         message = f"Feature cache at {cache_path} does not match this backbone/dataset ({reason})"
         if on_mismatch == "error":
-            raise RuntimeError(message + "; delete it or choose another cache_dir.")
+            raise RuntimeError(message + f"; delete it or choose another {_arg_name('cache_dir', '--cache-dir')}.")
         print(message + "; rebuilding it.")
     if cache_path is not None:
         cache_path.mkdir(parents=True, exist_ok=True)
@@ -1407,8 +1678,10 @@ def build_feature_cache(
     store: Dict[str, Union[torch.Tensor, np.ndarray]] = {}
     gt_all = torch.full((N * V, getattr(base, "max_num_instances", 40), 5), -1.0)
     row = 0
-    with torch.no_grad():
-        for images, gt in tqdm(loader, desc="caching backbone features", disable=not progress, dynamic_ncols=True):
+    bar = ProgressReporter(N * V, "caching backbone features", count_format="{n}/{total} images", unit="img",
+                           noun="image", mode=_progress_mode(progress))
+    with torch.no_grad(), bar:
+        for images, gt in loader:
             feats = fpn_backbone.extract_features(images.to(device))
             for level in FEATURE_LEVELS:
                 f = feats[level].detach().to("cpu", storage_dtype)
@@ -1425,6 +1698,8 @@ def build_feature_cache(
                     store[level][row : row + len(f)] = f
             gt_all[row : row + len(gt), : gt.shape[1]] = gt
             row += len(images)
+            bar.update(len(images))
+        bar.close()
     fpn_backbone.train(was_training)
     meta = {"key": key, "complete": True, "shapes": {k: list(v.shape) for k, v in store.items()}}
     if cache_path is not None:
@@ -1704,7 +1979,9 @@ def collect_predictions(
     ground_truths: GroundTruths = {}
     detections: Detections = []
     loader = _indexed_loader(dataset, batch_size, num_workers)
-    for indices, (paths, images, gt_boxes) in tqdm(loader, desc="evaluate", disable=not progress, dynamic_ncols=True):
+    bar = ProgressReporter(len(dataset), "evaluate", count_format="{n}/{total} images", unit="img", noun="image",
+                           mode=_progress_mode(progress))
+    for indices, (paths, images, gt_boxes) in loader:
         images = images.to(device=device, dtype=dtype)
         with _eval_autocast(device, amp):
             outputs = predict_batch(detector, images, score_thresh, nms_thresh)
@@ -1728,6 +2005,8 @@ def collect_predictions(
                 ground_truths[image_id] = [(class_names[int(r[4])], r[:4].tolist(), False) for r in g]
             for box, label, score in zip(boxes.tolist(), labels.tolist(), scores.tolist()):
                 detections.append((image_id, class_names[label], score, box))
+        bar.update(len(indices))
+    bar.close()
     detector.train(was_training)
     return ground_truths, detections
 
