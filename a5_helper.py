@@ -1753,6 +1753,9 @@ def _iou_plus_one(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     return inter / union
 
 
+AP_METRIC_NAMES = {False: "all-point (VOC2010+)", True: "11-point (VOC2007)"}
+
+
 def compute_voc_map(
     ground_truths: GroundTruths,
     detections: Detections,
@@ -1892,6 +1895,126 @@ def compute_coco_map(ground_truths: GroundTruths, detections: Detections, class_
     return {"mAP": float(ev.stats[0]), "AP50": float(ev.stats[1]), "AP75": float(ev.stats[2])}
 
 
+# What `count_detection_errors` calls each false positive (and the misses), in the order the
+# pictures show them. The idea is Hoiem et al., "Diagnosing error in object detectors"
+# (ECCV 2012), and the TIDE toolbox (Bolya et al. 2020). TIDE itself (`tidecv` 1.0.1, the
+# latest release) was tried and is not used: it imports OpenCV, pandas, seaborn and
+# appdirs at import time and builds a seaborn palette in `TIDE()`, none of which this
+# project installs, and it works on COCO-format data with COCO's AP. This is a small
+# implementation of the same classification on the VOC AP50 protocol of `compute_voc_map`.
+ERROR_KINDS = ("localisation", "confusion", "duplicate", "background")
+ERROR_KIND_HELP = {
+    "correct": "true positive: right class, IoU > 0.5 with an object not yet taken",
+    "localisation": "right class, 0.1 <= IoU <= 0.5 with an object of that class",
+    "confusion": "IoU >= 0.1 with an object of another class (and not a localisation error)",
+    "duplicate": "right class, IoU > 0.5 with an object that a higher-scoring detection already took",
+    "background": "IoU < 0.1 with every object",
+    "missed": "object (not difficult) that no detection found",
+}
+
+
+def count_detection_errors(
+    ground_truths: GroundTruths,
+    detections: Detections,
+    class_names: Sequence[str],
+    iou_threshold: float = 0.5,
+    score_thresh: float = 0.0,
+    background_iou: float = 0.1,
+) -> Dict[str, Any]:
+    """Break a detector's mistakes down by kind, at the AP50 protocol of `compute_voc_map`.
+
+    Detections with `score >= score_thresh` are matched as the VOC devkit does (per class,
+    by decreasing score, each to the object of its class it overlaps most; a match needs
+    IoU > `iou_threshold`; difficult objects are ignored). Each one that is not a true
+    positive is then called, first rule that applies:
+
+    * "duplicate": right class, IoU > `iou_threshold` with an object already taken by a
+      higher-scoring detection;
+    * "confusion" (a): IoU > `iou_threshold` with an object of another class;
+    * "localisation": right class, `background_iou` <= IoU <= `iou_threshold`;
+    * "confusion" (b): IoU >= `background_iou` with an object of another class;
+    * "background": IoU < `background_iou` with every object.
+
+    Objects (not difficult) that no detection matched are "missed".
+
+    Args:
+        ground_truths, detections: as for `compute_voc_map` (what `collect_predictions`
+            returns), boxes in the same pixels.
+        score_thresh: count only detections at least this confident. 0 counts all of
+            them (all the detections that AP sees; many are low-scoring); 0.3 counts
+            those that `predict` draws.
+
+    Returns: {"correct", "localisation", "confusion", "duplicate", "background",
+        "missed": counts; "detections": detections counted, "objects": non-difficult
+        objects, "ignored": detections on difficult objects, "score_thresh",
+        "iou_threshold", "per_class": {class_name: the same counts}}.
+    """
+    keys = ("correct",) + ERROR_KINDS + ("missed", "detections", "objects", "ignored")
+    per_class: Dict[str, Dict[str, int]] = {c: dict.fromkeys(keys, 0) for c in class_names}
+    class_index = {c: i for i, c in enumerate(class_names)}
+    # Every object of each image: boxes (M, 4), class index (M,), difficult (M,).
+    images: Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    for image_id, objects in ground_truths.items():
+        objects = [o for o in objects if o[0] in class_index]
+        boxes = np.asarray([[float(v) for v in o[1][:4]] for o in objects], dtype=np.float64).reshape(-1, 4)
+        labels = np.asarray([class_index[o[0]] for o in objects], dtype=np.int64)
+        difficult = np.asarray([bool(o[2]) for o in objects], dtype=bool)
+        images[image_id] = (boxes, labels, difficult)
+        for o in objects:
+            if not o[2]:
+                per_class[o[0]]["objects"] += 1
+    taken = {image_id: np.zeros(len(v[1]), dtype=bool) for image_id, v in images.items()}
+    kept = [d for d in detections if d[1] in class_index and float(d[2]) >= score_thresh]
+    # Per class by decreasing score, as the devkit (a stable sort keeps the input order on ties).
+    kept.sort(key=lambda d: (class_index[d[1]], -float(d[2])))
+    empty = (np.zeros((0, 4)), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool))
+    for image_id, cls, _, box in kept:
+        counts = per_class[cls]
+        counts["detections"] += 1
+        boxes, labels, difficult = images.get(image_id, empty)
+        ious = _iou_plus_one(np.asarray(box[:4], dtype=np.float64), boxes) if len(boxes) else np.zeros(0)
+        same = labels == class_index[cls]
+        kind = "background"
+        if same.any():
+            j = int(np.flatnonzero(same)[np.argmax(ious[same])])
+            if ious[j] > iou_threshold:
+                if difficult[j]:
+                    counts["ignored"] += 1
+                    continue
+                if not taken[image_id][j]:
+                    taken[image_id][j] = True
+                    counts["correct"] += 1
+                    continue
+                counts["duplicate"] += 1
+                continue
+        best_same = float(ious[same].max()) if same.any() else 0.0
+        best_other = float(ious[~same].max()) if (~same).any() else 0.0
+        if best_other > iou_threshold:
+            kind = "confusion"
+        elif best_same >= background_iou:
+            kind = "localisation"
+        elif best_other >= background_iou:
+            kind = "confusion"
+        counts[kind] += 1
+    for image_id, (boxes, labels, difficult) in images.items():
+        for j in np.flatnonzero(~difficult & ~taken[image_id]):
+            per_class[class_names[int(labels[j])]]["missed"] += 1
+    totals = {k: int(sum(c[k] for c in per_class.values())) for k in keys}
+    return {**totals, "score_thresh": float(score_thresh), "iou_threshold": float(iou_threshold),
+            "per_class": per_class}
+
+
+def format_error_breakdown(errors: Dict[str, Any]) -> List[str]:
+    """The counts of `count_detection_errors` as a few readable lines."""
+    n = max(errors["detections"], 1)
+    lines = [f"{plural(errors['detections'], 'detection')} with score >= {errors['score_thresh']:g}: "
+             f"{errors['correct']} correct ({100 * errors['correct'] / n:.0f}%), "
+             + ", ".join(f"{errors[k]} {k} ({100 * errors[k] / n:.0f}%)" for k in ERROR_KINDS)]
+    lines.append(f"{plural(errors['objects'], 'object')} (not difficult): {errors['objects'] - errors['missed']} found, "
+                 f"{errors['missed']} missed ({100 * errors['missed'] / max(errors['objects'], 1):.0f}%)")
+    return lines
+
+
 def _class_names_of(dataset: Dataset) -> List[str]:
     if hasattr(dataset, "idx_to_class"):
         return [dataset.idx_to_class[i] for i in sorted(dataset.idx_to_class)]
@@ -2025,8 +2148,9 @@ def evaluate_detector(
     max_detections: int = 100,
     coco: bool = True,
     amp: bool = False,
-    progress: bool = True,
+    progress: Union[bool, str] = True,
     return_curves: bool = False,
+    error_score_thresh: Optional[float] = None,
 ) -> Dict[str, Any]:
     """Honest evaluation: batched inference over every image, VOC mAP + COCO cross-check.
 
@@ -2035,16 +2159,36 @@ def evaluate_detector(
     ones ignored, per the devkit). Low `score_thresh` (0.05) and up to `max_detections`
     per image, as usual for mAP.
 
-    Returns: {"mAP", "per_class" (as `compute_voc_map`), "coco_mAP" (AP@[.5:.95]),
-        "coco_AP50", "coco_AP75" (pycocotools; NaN when coco=False), "num_images",
-        "num_detections", "seconds"} (+ "curves" when return_curves).
+    Returns: {"mAP", "per_class" (as `compute_voc_map`, with the metric that
+        `use_07_metric` chooses), "ap_metric" (its name), "mAP_all_point" and
+        "mAP_11_point" (both metrics, from the same detections), "coco_mAP"
+        (AP@[.5:.95]), "coco_AP50", "coco_AP75" (pycocotools; NaN when coco=False),
+        "num_images", "num_detections", "seconds"} (+ "curves" when return_curves, and
+        "errors": `count_detection_errors` of the detections scoring at least
+        `error_score_thresh`, when it is given).
     """
     start = time.time()
     ground_truths, detections = collect_predictions(
         detector, dataset, batch_size, score_thresh, nms_thresh, device, dtype, num_workers, max_detections, amp, progress
     )
     class_names = _class_names_of(_unwrap_subset(dataset)[0])
-    result = compute_voc_map(ground_truths, detections, class_names, iou_threshold, use_07_metric, return_curves)
+    result = compute_voc_map(ground_truths, detections, class_names, iou_threshold, use_07_metric, return_curves=True)
+    # The other metric from the same precision/recall curves (no second matching pass).
+    other = {}
+    for cls, ap in result["per_class"].items():
+        curve = result["curves"][cls]
+        other[cls] = ap if math.isnan(ap) else voc_ap(np.asarray(curve["recall"]), np.asarray(curve["precision"]),
+                                                      not use_07_metric)
+    valid = [ap for ap in other.values() if not math.isnan(ap)]
+    other_map = float(np.mean(valid)) if valid else float("nan")
+    result["ap_metric"] = AP_METRIC_NAMES[bool(use_07_metric)]
+    result["mAP_11_point"] = result["mAP"] if use_07_metric else other_map
+    result["mAP_all_point"] = other_map if use_07_metric else result["mAP"]
+    if not return_curves:
+        del result["curves"]
+    if error_score_thresh is not None:
+        result["errors"] = count_detection_errors(ground_truths, detections, class_names, iou_threshold,
+                                                  error_score_thresh)
     nan = float("nan")
     cm = compute_coco_map(ground_truths, detections, class_names) if coco else {"mAP": nan, "AP50": nan, "AP75": nan}
     result.update({"coco_mAP": cm["mAP"], "coco_AP50": cm["AP50"], "coco_AP75": cm["AP75"],
@@ -2172,6 +2316,90 @@ def unnormalize_image(image: torch.Tensor) -> torch.Tensor:
     return (image * std + mean).clamp(0, 1)
 
 
+def class_color(class_index: int) -> Tuple[float, float, float]:
+    """A colour per class: matplotlib's tab20 with its light and dark halves interleaved, so
+    that neighbouring class indices get different hues (20 colours, then they repeat)."""
+    import matplotlib
+
+    order = list(range(0, 20, 2)) + list(range(1, 20, 2))
+    return tuple(matplotlib.colormaps["tab20"](order[int(class_index) % 20])[:3])
+
+
+def _text_color_on(rgb: Sequence[float]) -> str:
+    luminance = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+    return "black" if luminance > 0.45 else "white"
+
+
+def _figure_renderer(fig):
+    try:
+        return fig.canvas.get_renderer()
+    except AttributeError:  # a canvas without one (vector backends)
+        return fig._get_renderer()
+
+
+def _overlap_area(a: Sequence[float], b: Sequence[float]) -> float:
+    """Overlap of two rectangles (x0, y0, x1, y1)."""
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+def _label_candidates(box: Sequence[float], w: float, h: float, steps: int = 6):
+    """Where a label of size (w, h) may go around a box (x0, y0, x1, y1), best first. All
+    coordinates are display pixels (y up): above the box's top-left corner, inside it,
+    below the box, the right-hand corners, then stacked further above / inside / below."""
+    x0, yb, x1, yt = box
+    lefts, rights = (x0, x0 + w), (x1 - w, x1)
+    for k in range(steps):
+        for xs in (lefts, rights):
+            yield (xs[0], yt + k * h, xs[1], yt + (k + 1) * h)  # above the top edge, then higher
+            yield (xs[0], yt - (k + 1) * h, xs[1], yt - k * h)  # inside from the top edge, then lower
+            yield (xs[0], yb - (k + 1) * h, xs[1], yb - k * h)  # below the bottom edge, then lower
+            yield (xs[0], yb + k * h, xs[1], yb + (k + 1) * h)  # inside from the bottom edge, then higher
+
+
+def _place_labels(ax, labels: List[Tuple[Sequence[float], str, Sequence[float]]], fontsize: float = 9,
+                  pad: float = 1.5) -> List[Optional[Tuple[float, float, float, float]]]:
+    """Put each label (box in data coordinates, text, colour) next to its box where it
+    overlaps no earlier label and stays on the image; a label with no such place is left
+    out (its box stays, in its class colour). Returns each label's rectangle in display
+    pixels, or None for those left out."""
+    fig = ax.figure
+    ax.apply_aspect()  # the axes take their final place, so data -> pixel is fixed now
+    renderer = _figure_renderer(fig)
+    to_px, to_data = ax.transData, ax.transData.inverted()
+    frame = ax.get_window_extent(renderer)
+    frame = (frame.x0, frame.y0, frame.x1, frame.y1)
+    pad_px = pad * fig.dpi / 72.0
+    gap = 1.0  # pixels kept free between labels
+    placed: List[Tuple[float, float, float, float]] = []
+    result: List[Optional[Tuple[float, float, float, float]]] = []
+    for box, text, color in labels:
+        artist = ax.text(0, 0, text, size=fontsize, family="sans-serif", color=_text_color_on(color),
+                         ha="left", va="bottom", clip_on=False,
+                         bbox={"facecolor": color, "alpha": 0.85, "pad": pad, "edgecolor": "none"})
+        extent = artist.get_window_extent(renderer)
+        w, h = extent.width + 2 * pad_px + gap, extent.height + 2 * pad_px + gap
+        (px0, py0), (px1, py1) = to_px.transform([(box[0], box[1]), (box[2], box[3])])
+        box_px = (min(px0, px1), min(py0, py1), max(px0, px1), max(py0, py1))
+        best = None
+        for cand in _label_candidates(box_px, w, h):
+            # Slide sideways onto the image when a corner position sticks out.
+            dx = max(frame[0] - cand[0], 0.0) - max(cand[2] - frame[2], 0.0)
+            cand = (cand[0] + dx, cand[1], cand[2] + dx, cand[3])
+            if cand[1] < frame[1] - 0.5 or cand[3] > frame[3] + 0.5:
+                continue
+            if all(_overlap_area(cand, other) <= 0.0 for other in placed):
+                best = cand
+                break
+        if best is None:
+            artist.remove()
+            result.append(None)
+            continue
+        placed.append(best)
+        artist.set_position(to_data.transform((best[0] + pad_px + gap / 2, best[1] + pad_px + gap / 2)))
+        result.append(best)
+    return result
+
+
 def detection_visualizer(
     img: Union[torch.Tensor, np.ndarray, Image.Image],
     idx_to_class: Dict[int, str],
@@ -2179,8 +2407,15 @@ def detection_visualizer(
     pred: Optional[Union[torch.Tensor, np.ndarray, list]] = None,
     points: Optional[Union[torch.Tensor, np.ndarray, list]] = None,
     save_path: Optional[PathLike] = None,
+    *,
+    score_thresh: Optional[float] = None,
+    max_boxes: Optional[int] = None,
+    title: Optional[str] = None,
 ) -> Optional[Path]:
-    """Draw an image with ground-truth boxes (red), predictions (green) and points.
+    """Draw an image with ground-truth boxes (dashed), predictions (solid) and points.
+
+    Every class has its own colour (`class_color`); labels sit on a background of that
+    colour, next to their box, and never on top of one another (`draw_detections`).
 
     Args:
         img: `(3, H, W)` tensor with values in [0, 1], or an `(H, W, 3)` uint8 array /
@@ -2189,10 +2424,20 @@ def detection_visualizer(
         pred: `(M, 4, 5 or 6)` predictions `x1, y1, x2, y2[, class[, score]]`.
         points: `(P, 2)` `(x, y)` points (e.g. FPN locations), drawn in yellow.
         save_path: write a PNG instead of showing it.
+        score_thresh: draw only predictions with at least this score.
+        max_boxes: draw only the `max_boxes` highest-scoring predictions.
+        title: a title above the image.
     """
     plt = _pyplot()
-    fig, ax = plt.subplots(frameon=False)
-    draw_detections(ax, img, idx_to_class, bbox=bbox, pred=pred, points=points)
+    height, width = np.asarray(img).shape[:2] if not isinstance(img, torch.Tensor) else img.shape[-2:]
+    # About one figure pixel per image pixel (at 100 dpi), within 4 to 10 inches: labels in
+    # points then keep the same size relative to the image, whatever its resolution.
+    scale = min(max(max(width, height) / 100.0, 4.0), 10.0) / max(width, height)
+    fig, ax = plt.subplots(figsize=(width * scale, height * scale), frameon=False)
+    draw_detections(ax, img, idx_to_class, bbox=bbox, pred=pred, points=points, score_thresh=score_thresh,
+                    max_boxes=max_boxes)
+    if title:
+        ax.set_title(title, fontsize=10)
     return _finish_figure(fig, save_path, "detections")
 
 
@@ -2203,10 +2448,23 @@ def draw_detections(
     bbox: Optional[Union[torch.Tensor, np.ndarray, list]] = None,
     pred: Optional[Union[torch.Tensor, np.ndarray, list]] = None,
     points: Optional[Union[torch.Tensor, np.ndarray, list]] = None,
-) -> None:
+    *,
+    score_thresh: Optional[float] = None,
+    max_boxes: Optional[int] = None,
+    fontsize: float = 9,
+) -> Dict[str, Any]:
     """Draw what `detection_visualizer` shows onto a matplotlib axis (for grids).
 
-    Ground-truth rows whose class is -1 (the padding of `(40, 5)` targets) are skipped.
+    Boxes take their class's colour (`class_color`): ground truth dashed, predictions
+    solid. Predictions are drawn by decreasing score, after filtering by `score_thresh`
+    and keeping the `max_boxes` best. Labels ("dog 0.87" for a prediction; "dog", or
+    "gt dog" next to predictions, for ground truth) get a background in the box colour
+    and are placed by `_place_labels`: above or inside the box, or shifted, so that no
+    two labels overlap; a label that finds no free place is left out. Ground-truth rows
+    whose class is -1 (the padding of `(40, 5)` targets) are skipped.
+
+    Returns: {"drawn": predictions drawn, "hidden": predictions filtered out,
+        "labels": label rectangles in display pixels (None for labels left out)}.
     """
     from matplotlib.patches import Rectangle
 
@@ -2224,17 +2482,32 @@ def draw_detections(
         pts = rows(points)
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="yellow", s=24)
     gt_rows = [b for b in rows(bbox) if len(b) <= 4 or b[4] >= 0]
-    for color, boxes, is_pred in (((1.0, 0.0, 0.0), gt_rows, False), ((0.0, 0.8, 0.2), rows(pred), True)):
+    pred_rows = rows(pred)
+    total = len(pred_rows)
+    if pred_rows and len(pred_rows[0]) > 5:
+        pred_rows.sort(key=lambda b: -b[5])
+        if score_thresh is not None:
+            pred_rows = [b for b in pred_rows if b[5] >= score_thresh]
+    if max_boxes is not None:
+        pred_rows = pred_rows[: max(int(max_boxes), 0)]
+    labels: List[Tuple[Sequence[float], str, Sequence[float]]] = []
+    neutral = (0.9, 0.1, 0.1)  # boxes without a class
+    for is_pred, boxes in ((True, pred_rows), (False, gt_rows)):
         for b in boxes:
             x0, y0, x1, y1 = b[:4]
-            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=color, linewidth=3))
-            if len(b) > 4 and b[4] >= 0:
+            has_class = len(b) > 4 and b[4] >= 0
+            color = class_color(int(b[4])) if has_class else neutral
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=color,
+                                   linewidth=2.5 if is_pred else 2, linestyle="-" if is_pred else (0, (4, 2))))
+            if has_class:
                 text = idx_to_class.get(int(b[4]), str(int(b[4])))
                 if is_pred and len(b) > 5:
-                    text += f", {b[5]:.2f}"
-                ax.text(x0, y0, text, size=9, family="sans-serif",
-                        bbox={"facecolor": color, "alpha": 0.6, "pad": 1, "edgecolor": "none"},
-                        verticalalignment="top", color="white")
+                    text += f" {b[5]:.2f}"
+                elif not is_pred and pred_rows:
+                    text = "gt " + text
+                labels.append(((x0, y0, x1, y1), text, color))
+    rects = _place_labels(ax, labels, fontsize=fontsize) if labels else []
+    return {"drawn": len(pred_rows), "hidden": total - len(pred_rows), "labels": rects}
 
 
 def show_dataset_grid(
@@ -2327,13 +2600,77 @@ def plot_pr_curves(curves: Dict[str, Dict[str, list]], save_path: Optional[PathL
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.05)
         ax.grid(alpha=0.3)
+    # Ticks at 0, 0.5 and 1 only, the outer labels pulled inwards: neighbouring panels'
+    # "1.0" and "0.0" would otherwise run into each other ("1.00.0").
+    for ax in axes.ravel()[: len(names)]:
+        ax.set_xticks([0, 0.5, 1], ["0", "0.5", "1"])
+        ax.set_yticks([0, 0.5, 1], ["0", "0.5", "1"])
+        ax.tick_params(labelsize=8)
+        xlabels, ylabels = ax.get_xticklabels(), ax.get_yticklabels()  # the visible ones
+        if len(xlabels) == 3:
+            xlabels[0].set_horizontalalignment("left")
+            xlabels[-1].set_horizontalalignment("right")
+        if len(ylabels) == 3:
+            ylabels[0].set_verticalalignment("bottom")
+            ylabels[-1].set_verticalalignment("top")
     for ax in axes.ravel()[len(names):]:
         ax.axis("off")
     fig.supxlabel("recall")
     fig.supylabel("precision")
     # Fixed margins: tight_layout on 20 panels costs seconds.
-    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.08, top=0.94, wspace=0.1, hspace=0.35)
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.08, top=0.94, wspace=0.12, hspace=0.35)
     return _finish_figure(fig, save_path, "pr_curves", tight=False)
+
+
+def plot_error_breakdown(errors: Dict[str, Any], save_path: Optional[PathLike] = None,
+                         title: Optional[str] = None) -> Optional[Path]:
+    """Bar charts of `count_detection_errors`: what the counted detections were (correct or
+    which kind of false positive) and how many objects were missed, overall (left) and
+    per class (right, errors stacked, classes with most errors on top)."""
+    plt = _pyplot()
+    kinds = ("correct",) + ERROR_KINDS + ("missed",)
+    colors = {"correct": "tab:green", "localisation": "tab:orange", "confusion": "tab:purple",
+              "duplicate": "tab:olive", "background": "tab:red", "missed": "tab:gray"}
+    per_class = errors.get("per_class") or {}
+    classes = sorted(per_class, key=lambda c: sum(per_class[c][k] for k in kinds[1:]))
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 0.28 * max(len(classes), 8) + 1.6),
+                                   gridspec_kw={"width_ratios": [1, 1.3]})
+    counts = [errors[k] for k in kinds]
+    y = np.arange(len(kinds))[::-1]
+    ax0.barh(y, counts, color=[colors[k] for k in kinds])
+    ax0.set_yticks(y, [k if k != "missed" else "missed objects" for k in kinds])
+    n_det, n_obj = max(errors["detections"], 1), max(errors["objects"], 1)
+    top = max(counts + [1])
+    for yi, k, c in zip(y, kinds, counts):
+        share = f"{100 * c / (n_obj if k == 'missed' else n_det):.0f}% of {'objects' if k == 'missed' else 'detections'}"
+        ax0.text(c + 0.01 * top, yi, f"{c} ({share})", va="center", fontsize=8)
+    ax0.set_xlim(0, top * 1.45)
+    ax0.set_xlabel("count")
+    ax0.set_title(f"{plural(errors['detections'], 'detection')} with score >= {errors['score_thresh']:g}, "
+                  f"{plural(errors['objects'], 'object')}", fontsize=10)
+    ax0.grid(axis="x", alpha=0.3)
+    left = np.zeros(len(classes))
+    for k in kinds[1:]:
+        values = np.asarray([per_class[c][k] for c in classes], dtype=float)
+        ax1.barh(np.arange(len(classes)), values, left=left, color=colors[k], label=k)
+        left += values
+    ax1.set_yticks(np.arange(len(classes)), classes)
+    ax1.tick_params(axis="y", labelsize=8)
+    ax1.set_xlabel("errors (count)")
+    ax1.set_title("errors per class", fontsize=10)
+    ax1.legend(fontsize=8, loc="lower right")
+    ax1.grid(axis="x", alpha=0.3)
+    for ax in (ax0, ax1):
+        ax.xaxis.set_major_locator(_max_ticks(5))
+    fig.suptitle(title or f"Where the errors are (AP{100 * errors['iou_threshold']:.0f} matching)", fontsize=11)
+    fig.tight_layout()
+    return _finish_figure(fig, save_path, "error_breakdown")
+
+
+def _max_ticks(n: int):
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(nbins=n, integer=True, min_n_ticks=2)
 
 
 # ======================================================================================
