@@ -2773,13 +2773,204 @@ def _setup_torch_home() -> None:
 def _write_eval_outputs(metrics: Dict[str, Any], out: Path, history: Optional[Dict[str, list]] = None) -> None:
     if history and history.get("total_loss"):
         plot_loss_history(history, save_path=out / "loss_curve.png")
-    plot_per_class_ap(metrics["per_class"], save_path=out / "per_class_ap.png")
+    metric = metrics.get("ap_metric", AP_METRIC_NAMES[False])
+    plot_per_class_ap(metrics["per_class"], save_path=out / "per_class_ap.png", title=f"AP@0.5 per class, {metric}")
     if "curves" in metrics:
         plot_pr_curves(metrics["curves"], save_path=out / "pr_curves.png", per_class_ap=metrics["per_class"])
+    if metrics.get("errors"):
+        plot_error_breakdown(metrics["errors"], save_path=out / "error_breakdown.png")
+
+
+def _example_image(dataset: Dataset) -> Optional[str]:
+    """An image file of `dataset` for the example `predict` command."""
+    try:
+        base, indices = _unwrap_subset(dataset)
+        return str(base.instances[indices[0]][0]) if indices else None
+    except (AttributeError, IndexError, TypeError):
+        return None
 
 
 def _metrics_for_json(metrics: Dict[str, Any]) -> Dict[str, Any]:
     return _json_safe({k: v for k, v in metrics.items() if k != "curves"})
+
+
+# ======================================================================================
+# Command line: what a run says before it starts and after it ends
+# ======================================================================================
+
+DETECTOR_NAMES = {"fcos": "FCOS", "faster_rcnn": "Faster R-CNN"}
+# `predict` draws at most this many detections per picture (the best-scoring ones);
+# predictions.json lists all of them.
+PREDICT_MAX_DRAWN = 20
+# Detections at least this confident are those the error breakdown counts (and the
+# default `predict --score-thresh`): a low-scoring box is not a mistake anybody sees.
+ERROR_SCORE_THRESH = 0.3
+# summary.txt reports the training loss as the mean over this many last iterations.
+FINAL_LOSS_WINDOW = 100
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """`--help` that states a default once: "(default: X)" is added only where the help
+    text does not already talk about its default, the option is not required, and the
+    default says something (not None or False). Descriptions and epilogs keep their
+    line breaks (the examples)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text.lower()
+            or action.required
+            or default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or not action.option_strings
+        ):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _feature_cache_bytes(detector: nn.Module, image_size: int, items: int) -> Optional[int]:
+    """Bytes an fp16 feature cache of `items` images takes (one small forward pass to learn
+    the feature shapes), or None when the backbone cannot tell."""
+    try:
+        backbone = _backbone_of(detector)
+        was_training = backbone.training
+        backbone.eval()
+        with torch.no_grad():
+            feats = backbone.extract_features(torch.zeros(1, 3, image_size, image_size))
+        backbone.train(was_training)
+        per_item = sum(int(feats[k][0].numel()) for k in FEATURE_LEVELS) * 2 + 40 * 5 * 4
+        return items * per_item
+    except Exception:  # only an estimate for the start-up message
+        return None
+
+
+def _precision_text(amp: bool, device: torch.device) -> str:
+    if amp:
+        dtype = str(autocast_dtype(device)).replace("torch.", "")
+        return f"{dtype} autocast, losses in float32 (--no-amp: all float32)"
+    alt = "float16" if device.type == "cuda" else "bfloat16"
+    return f"float32 (--amp: {alt} autocast)"
+
+
+def _train_plan(args: argparse.Namespace, config: Dict[str, Any], device: torch.device, detector: nn.Module,
+                train_set: Dataset, val_set: Dataset, out: Path) -> List[str]:
+    """The start-up summary of `train`: what will run, where, and what it writes."""
+    kw = config.get("kwargs", {})
+    name = DETECTOR_NAMES.get(config["detector"], config["detector"])
+    weights = "ImageNet weights" if kw.get("pretrained", True) else "random weights"
+    mode = "frozen" if kw.get("freeze_backbone") else "trained end to end"
+    threads = f", {plural(torch.get_num_threads(), 'thread')}" if device.type == "cpu" else ""
+    image_size = config.get("image_size", args.image_size)
+    lines = [f"Training {name} (backbone {kw.get('backbone')}, {weights}, {mode}) on {device}{threads}."]
+    rows = [("precision", _precision_text(bool(args.amp), device)),
+            ("data", f"{plural(len(train_set), 'train image')}, {plural(len(val_set), 'val image')} from "
+                     f"{args.data_dir}, resized to {image_size} px")]
+    if args.cache_features:
+        variants = [v.strip() for v in args.cache_variants.split(",") if v.strip()]
+        items = len(train_set) * len(variants)
+        size = _feature_cache_bytes(detector, image_size, items)
+        size_text = f"about {format_bytes(size)}" if size else "size unknown"
+        what = (f"the frozen backbone's features of {plural(len(train_set), 'image')} x "
+                f"{plural(len(variants), 'variant')} ({', '.join(variants)})")
+        if args.cache_dir is None:
+            where = (f"computed once, before training, and kept in memory ({size_text}); "
+                     "--cache-dir DIR keeps them on disk for later runs")
+        elif (Path(args.cache_dir) / "meta.json").is_file():
+            where = (f"reused from {args.cache_dir} if it matches this backbone and image list, "
+                     f"else computed once again ({size_text})")
+        else:
+            where = f"computed once into {args.cache_dir} ({size_text}); later runs with it reuse them"
+        rows.append(("features", f"{what}: {where}"))
+    else:
+        rows.append(("features", "the backbone runs on every batch (no feature cache)"))
+    warmup = args.warmup_iters if args.warmup_iters is not None else min(500, args.iters // 10)
+    resume = ""
+    if args.resume and (out / "last.pt").is_file():
+        resume = f"; continues from {out / 'last.pt'}"
+    rows.append(("training", f"{plural(args.iters, 'iteration')}, batch {args.batch_size}, lr {args.lr:g} "
+                             f"({warmup} warm-up, {args.lr_schedule} decay), checkpoint every "
+                             f"{plural(args.checkpoint_period, 'iteration')}{resume}"))
+    rows.append(("evaluation", f"then on {plural(len(val_set), 'val image')}: VOC AP@0.5 (all-point and "
+                               "11-point), COCO mAP, error breakdown"))
+    rows.append(("output", f"{out}/ (checkpoints, metrics.json, summary.txt, plots)"))
+    return lines + [f"  {key:<11} {value}" for key, value in rows]
+
+
+def _final_loss(history: Dict[str, list]) -> Tuple[Optional[float], int]:
+    """Mean of the last FINAL_LOSS_WINDOW logged total losses (one batch is noisy)."""
+    losses = history.get("total_loss") or []
+    window = min(FINAL_LOSS_WINDOW, len(losses))
+    return (float(np.mean(losses[-window:])) if window else None), window
+
+
+def _pct(value: Optional[float]) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{100 * value:.1f}%"
+
+
+def _metric_lines(metrics: Dict[str, Any], split: str) -> List[str]:
+    """The evaluation's headline numbers, both AP metrics named."""
+    lines = [f"  {split} images  {metrics['num_images']}, {plural(metrics['num_detections'], 'detection')} kept for AP",
+             f"  mAP@0.5     {_pct(metrics.get('mAP_all_point', metrics['mAP']))} all-point (VOC2010+), "
+             f"{_pct(metrics.get('mAP_11_point'))} 11-point (VOC2007)",
+             f"  COCO        mAP@[.5:.95] {_pct(metrics['coco_mAP'])}, AP50 {_pct(metrics['coco_AP50'])}"]
+    if metrics.get("errors"):
+        first, second = format_error_breakdown(metrics["errors"])
+        lines += [f"  errors      {first}", f"              {second}"]
+    return lines
+
+
+def _next_commands(out: Path, args: argparse.Namespace, example_image: Optional[str]) -> List[str]:
+    import shlex
+
+    ckpt = shlex.quote(str(out / "model_final.pt"))
+    data = "" if args.data_dir == str(default_data_dir()) else f" --data-dir {shlex.quote(str(args.data_dir))}"
+    image = shlex.quote(example_image) if example_image else "IMAGE.jpg"
+    return [f"  python a5_helper.py eval --checkpoint {ckpt}{data} --out {shlex.quote(str(out / 'eval_val'))}",
+            f"  python a5_helper.py predict --checkpoint {ckpt} {image} --out {shlex.quote(str(out / 'predictions'))}"]
+
+
+def _written_files(out: Path, names: Sequence[str]) -> List[str]:
+    about = {
+        "model_final.pt": "the trained model, for eval and predict",
+        "last.pt": "the last checkpoint (train --resume continues from it)",
+        "metrics.json": "every number of this run, per class too",
+        "summary.txt": "this summary",
+        "loss_curve.png": "training loss",
+        "per_class_ap.png": "AP per class",
+        "pr_curves.png": "precision-recall curve per class",
+        "error_breakdown.png": "false positives by kind, missed objects",
+    }
+    return [f"  {name:<20} {about.get(name, '')}".rstrip() for name in names if (out / name).is_file()]
+
+
+def _train_report(args: argparse.Namespace, config: Dict[str, Any], device: torch.device, out: Path,
+                  metrics: Dict[str, Any], history: Dict[str, list], seconds: Dict[str, float],
+                  example_image: Optional[str]) -> List[str]:
+    """The end summary of `train` (also summary.txt): results, files written, what next."""
+    kw = config.get("kwargs", {})
+    name = DETECTOR_NAMES.get(config["detector"], config["detector"])
+    loss, window = _final_loss(history)
+    last = history["total_loss"][-1] if history.get("total_loss") else None
+    loss_text = (f"{loss:.3g} (mean of the last {plural(window, 'iteration')}; the last batch: {last:.3g})"
+                 if loss is not None else "n/a (no iterations ran)")
+    features = f", cached features ({args.cache_variants})" if args.cache_features else ""
+    lines = [f"Run summary ({out})",
+             f"  detector    {name}, backbone {kw.get('backbone')} "
+             f"({'frozen' if kw.get('freeze_backbone') else 'trained'}){features}",
+             f"  training    {plural(len(history.get('total_loss') or []), 'iteration')}, batch {args.batch_size}, "
+             f"image size {config.get('image_size', args.image_size)}, lr {args.lr:g} ({args.lr_schedule}), "
+             f"{_precision_text(bool(args.amp), device).split(' (')[0]}, on {device}",
+             f"  final loss  {loss_text}",
+             f"  time        cache {format_duration(seconds['cache'])}, training {format_duration(seconds['train'])}, "
+             f"evaluation {format_duration(seconds['eval'])}; total {format_duration(seconds['total'])}"]
+    lines += _metric_lines(metrics, "val")
+    files = ["model_final.pt", "last.pt", "metrics.json", "summary.txt", "loss_curve.png", "per_class_ap.png",
+             "pr_curves.png", "error_breakdown.png"]
+    lines += [f"Files in {out}:"] + _written_files(out, files)
+    lines += ["Next:"] + _next_commands(out, args, example_image)
+    return lines
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -2824,6 +3015,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     train_set = VOC2007DetectionTiny(args.data_dir, "train", download=args.download, image_size=args.image_size)
     train_set = _first_n(train_set, args.max_train_images)
     val_set = _first_n(VOC2007DetectionTiny(args.data_dir, "val", image_size=args.image_size), args.max_val_images)
+    progress = "off" if rank != 0 else ("lines" if args.no_progress else "auto")
+    if rank == 0:
+        print("\n".join(_train_plan(args, config, device, detector, train_set, val_set, out)), flush=True)
 
     start = time.time()
     cache_seconds = 0.0
@@ -2833,7 +3027,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if world > 1 and rank != 0 and cache_dir is not None:
             dist.barrier()  # rank 0 builds the on-disk cache first, then the others load it
         cache = build_feature_cache(detector, train_set, variants, cache_dir=cache_dir, batch_size=args.batch_size,
-                                    device=device, num_workers=args.num_workers, progress=not args.no_progress and rank == 0)
+                                    device=device, num_workers=args.num_workers, progress=progress)
         if world > 1 and rank == 0 and cache_dir is not None:
             dist.barrier()
         cache_seconds = time.time() - start
@@ -2847,7 +3041,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         log_period=args.log_period, device=device, lr_schedule=args.lr_schedule, warmup_iters=args.warmup_iters,
         grad_clip=args.grad_clip if args.grad_clip > 0 else None, checkpoint_dir=out,
         checkpoint_period=args.checkpoint_period, resume=args.resume, seed=args.seed,
-        progress=not args.no_progress, model_config=config, amp=args.amp,
+        progress=progress, model_config=config, amp=args.amp,
     )
     train_seconds = time.time() - start - cache_seconds
     if rank != 0:
@@ -2857,30 +3051,28 @@ def _cmd_train(args: argparse.Namespace) -> int:
                     out / "model_final.pt")
     metrics = evaluate_detector(detector, val_set, batch_size=args.eval_batch_size or args.batch_size,
                                 score_thresh=args.score_thresh, nms_thresh=args.nms_thresh, device=device,
-                                num_workers=args.num_workers, progress=not args.no_progress, return_curves=True)
+                                num_workers=args.num_workers, progress=progress, return_curves=True,
+                                error_score_thresh=ERROR_SCORE_THRESH)
     _write_eval_outputs(metrics, out, history)
     total_seconds = time.time() - start
+    final_loss, window = _final_loss(history)
     summary = {
         "config": config, "args": {k: v for k, v in vars(args).items() if k != "func"},
         "val": _metrics_for_json(metrics),
         "train": {"iterations": len(history["total_loss"]),
                   "final_loss": history["total_loss"][-1] if history["total_loss"] else None,
+                  "final_loss_mean": final_loss, "final_loss_window": window,
                   "cache_seconds": cache_seconds, "train_seconds": train_seconds,
-                  "total_seconds": total_seconds, "device": str(device), "world_size": world},
+                  "eval_seconds": metrics["seconds"], "total_seconds": total_seconds, "device": str(device),
+                  "world_size": world},
     }
     (out / "metrics.json").write_text(json.dumps(_json_safe(summary), indent=2))
-    lines = [
-        f"detector: {args.detector} ({config['kwargs'].get('backbone')}, frozen={config['kwargs'].get('freeze_backbone')}, "
-        f"cached features={args.cache_features})",
-        f"iterations: {args.iters}, batch size {args.batch_size}, image size {args.image_size}, lr {args.lr}",
-        f"time: cache {cache_seconds:.0f}s, train {train_seconds:.0f}s, total {total_seconds:.0f}s on {device}",
-        f"final training loss: {summary['train']['final_loss']}",
-        f"val images: {metrics['num_images']}, detections: {metrics['num_detections']}",
-        f"val mAP@0.5 (VOC, all-point): {metrics['mAP']:.4f}",
-        f"val COCO mAP@[.5:.95]: {metrics['coco_mAP']:.4f} (AP50 {metrics['coco_AP50']:.4f})",
-    ]
+    (out / "summary.txt").touch()  # listed among the files written
+    seconds = {"cache": cache_seconds, "train": train_seconds, "eval": metrics["seconds"], "total": total_seconds}
+    example = _example_image(val_set)
+    lines = _train_report(args, config, device, out, metrics, history, seconds, example)
     (out / "summary.txt").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[-3:]))
+    print("\n".join(lines))
     print(f"final val mAP: {metrics['mAP']:.4f}")
     if world > 1:
         dist.barrier()
@@ -2892,19 +3084,27 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     detector, config = load_detector(args.checkpoint, device)
     dataset = VOC2007DetectionTiny(args.data_dir, args.split, image_size=config.get("image_size", 224), augment=False)
     dataset = _first_n(dataset, args.max_val_images)
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval_{args.split}"
+    metric = AP_METRIC_NAMES[bool(args.use_07_metric)]
+    print(f"Evaluating {args.checkpoint} ({DETECTOR_NAMES.get(config['detector'], config['detector'])}) on "
+          f"{plural(len(dataset), args.split + ' image')} from {args.data_dir}, on {device}; AP@0.5 {metric}.",
+          flush=True)
     metrics = evaluate_detector(detector, dataset, batch_size=args.batch_size, score_thresh=args.score_thresh,
                                 nms_thresh=args.nms_thresh, device=device, num_workers=args.num_workers,
-                                use_07_metric=args.use_07_metric, progress=not args.no_progress,
-                                return_curves=args.out is not None)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        _write_eval_outputs(metrics, out)
-        (out / "metrics.json").write_text(json.dumps(_metrics_for_json(metrics), indent=2))
+                                use_07_metric=args.use_07_metric, progress="lines" if args.no_progress else "auto",
+                                return_curves=True, error_score_thresh=ERROR_SCORE_THRESH)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_eval_outputs(metrics, out)
+    (out / "metrics.json").write_text(json.dumps(_metrics_for_json(metrics), indent=2))
+    print(f"AP@0.5 per class ({metric}):")
     for cls, ap in metrics["per_class"].items():
-        print(f"  {cls:<12} {ap:.4f}")
-    print(f"COCO mAP@[.5:.95]: {metrics['coco_mAP']:.4f} (AP50 {metrics['coco_AP50']:.4f})")
-    print(f"{args.split} mAP: {metrics['mAP']:.4f}")
+        print(f"  {cls:<12} {'n/a' if math.isnan(ap) else f'{ap:.3f}'}")
+    print("\n".join(_metric_lines(metrics, args.split)))
+    print(f"Files in {out}:")
+    print("\n".join(_written_files(out, ["metrics.json", "per_class_ap.png", "pr_curves.png", "error_breakdown.png"])))
+    other = "all-point" if args.use_07_metric else "11-point"
+    other_value = metrics["mAP_all_point"] if args.use_07_metric else metrics["mAP_11_point"]
+    print(f"{args.split} mAP: {metrics['mAP']:.4f} (AP@0.5, {metric}; {other}: {other_value:.4f})")
     return 0
 
 
@@ -2915,6 +3115,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     idx_to_class = dict(enumerate(class_names))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    print(f"Drawing the detections of {args.checkpoint} with score >= {args.score_thresh:g} "
+          f"(at most the {PREDICT_MAX_DRAWN} best per image) into {out}/", flush=True)
     results = {}
     for path in args.images:
         image, size = load_image_for_inference(path, config.get("image_size", 224))
@@ -2927,19 +3129,61 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             original = np.array(im.convert("RGB"))
         rows = torch.cat([boxes, labels[:, None].float(), scores[:, None]], dim=1)
         target = out / f"{Path(path).stem}_pred.png"
-        detection_visualizer(original, idx_to_class, pred=rows, save_path=target)
+        count = len(scores)
+        shown = min(count, PREDICT_MAX_DRAWN)
+        title = f"{Path(path).name}: {plural(count, 'detection')}" + (f", the {shown} best drawn" if shown < count else "")
+        detection_visualizer(original, idx_to_class, pred=rows, save_path=target, max_boxes=PREDICT_MAX_DRAWN,
+                             title=title)
         results[str(path)] = [{"class": class_names[int(c)], "score": float(s), "box": [round(v, 2) for v in b]}
                               for b, c, s in zip(boxes.tolist(), labels.tolist(), scores.tolist())]
-        print(f"{path}: {len(results[str(path)])} detections -> {target}")
+        drawn = f" (the {shown} best drawn)" if shown < count else ""
+        print(f"{path}: {plural(count, 'detection')}{drawn} -> {target}")
     (out / "predictions.json").write_text(json.dumps(results, indent=2))
+    print(f"{out / 'predictions.json'}: every detection with its class, score and box (original pixels)")
     return 0
+
+
+MAIN_EPILOG = """\
+examples:
+  python a5_helper.py train --detector fcos --out runs/fcos
+  python a5_helper.py eval --checkpoint runs/fcos/model_final.pt
+  python a5_helper.py predict --checkpoint runs/fcos/model_final.pt photo.jpg
+
+'python a5_helper.py COMMAND --help' lists the options of each command."""
+
+TRAIN_EPILOG = """\
+examples:
+  # the CPU recipe (frozen backbone, cached features; README, "Results")
+  python a5_helper.py train --detector fcos --out runs/fcos
+  python a5_helper.py train --detector faster_rcnn --out runs/frcnn --cache-dir runs/cache
+  # a quick check that everything runs (a minute)
+  python a5_helper.py train --iters 20 --max-train-images 64 --max-val-images 64 --out runs/smoke
+  # the course's GPU schedule, end to end
+  python a5_helper.py train --backbone regnet_x_400mf --iters 9000 --lr 8e-3 --lr-schedule step --out runs/fcos_gpu
+  # continue an interrupted run
+  python a5_helper.py train --out runs/fcos --resume
+
+Output goes to --out; when it is not a terminal (a log file), progress is one line every
+10 s ($A5_PROGRESS_SECONDS) with speed and ETA."""
+
+EVAL_EPILOG = """\
+examples:
+  python a5_helper.py eval --checkpoint runs/fcos/model_final.pt
+  python a5_helper.py eval --checkpoint runs/fcos/model_final.pt --use-07-metric --out runs/fcos/eval07
+  python a5_helper.py eval --checkpoint runs/fcos/model_final.pt --max-val-images 200"""
+
+PREDICT_EPILOG = """\
+examples:
+  python a5_helper.py predict --checkpoint runs/fcos/model_final.pt photo.jpg
+  python a5_helper.py predict --checkpoint runs/fcos/model_final.pt *.jpg --score-thresh 0.5 --out runs/pred_05"""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="a5_helper.py",
         description="Train, evaluate and run the A5 detectors (FCOS, Faster R-CNN) on PASCAL VOC2007.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
+        epilog=MAIN_EPILOG,
     )
     sub = parser.add_subparsers(dest="command", required=True)
     data_default = str(default_data_dir())
@@ -2953,12 +3197,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="data-loading worker processes")
         p.add_argument("--score-thresh", type=float, default=0.05, help="score threshold for evaluation detections")
         p.add_argument("--nms-thresh", type=float, default=0.5, help="NMS IoU threshold at inference")
-        p.add_argument("--no-progress", action="store_true", help="plain log lines instead of progress bars")
+        p.add_argument("--no-progress", action="store_true",
+                       help="progress as a plain line every few seconds instead of a bar (automatic when the "
+                            "output is not a terminal)")
         p.add_argument("--threads", type=int, default=0,
                        help="torch CPU threads (0: torch's default); 1 is often faster on a busy machine")
 
     t = sub.add_parser("train", help="train a detector, evaluate it on val, write plots and metrics",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       description="Train a detector on VOC2007 train, evaluate it on val, and write checkpoints, "
+                                   "metrics.json, summary.txt and plots to --out.",
+                       formatter_class=HelpFormatter, epilog=TRAIN_EPILOG)
     t.add_argument("--detector", choices=sorted(DETECTOR_BUILDERS), default="fcos", help="which detector to train")
     t.add_argument("--backbone", default="mobilenet_v2",
                    help="torchvision backbone (mobilenet_v2 or regnet_x_400mf); ImageNet weights come from TORCH_HOME")
@@ -3008,22 +3256,30 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint (VOC mAP + COCO cross-check)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       description="Evaluate a checkpoint: VOC AP@0.5 per class, COCO mAP, an error breakdown "
+                                   "and plots.",
+                       formatter_class=HelpFormatter, epilog=EVAL_EPILOG)
     e.add_argument("--checkpoint", required=True, help="last.pt or model_final.pt written by `train`")
     e.add_argument("--split", default="val", help="dataset split to evaluate")
     e.add_argument("--batch-size", type=int, default=16, help="images per inference batch")
     e.add_argument("--max-val-images", type=int, default=None, help="evaluate on the first N images only")
-    e.add_argument("--use-07-metric", action="store_true", help="11-point AP (VOC2007) instead of all-point")
-    e.add_argument("--out", default=None, help="also write metrics.json and plots here")
+    e.add_argument("--use-07-metric", action="store_true",
+                   help="report the 11-point AP (VOC2007) as the mAP instead of the all-point AP (VOC2010+); "
+                        "both are printed")
+    e.add_argument("--out", default=None,
+                   help="folder for metrics.json and the plots (default: eval_SPLIT next to the checkpoint)")
     common(e)
     e.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("predict", help="draw detections on image files",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       description="Draw a checkpoint's detections on image files (one colour per class) and "
+                                   "list them in predictions.json.",
+                       formatter_class=HelpFormatter, epilog=PREDICT_EPILOG)
     p.add_argument("--checkpoint", required=True, help="last.pt or model_final.pt written by `train`")
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--out", default="predictions", help="folder for annotated images and predictions.json")
-    p.add_argument("--score-thresh", type=float, default=0.3, help="minimum detection score to draw")
+    p.add_argument("--out", default="runs/predictions", help="folder for annotated images and predictions.json")
+    p.add_argument("--score-thresh", type=float, default=0.3,
+                   help=f"minimum detection score to draw and list; at most the {PREDICT_MAX_DRAWN} best are drawn")
     p.add_argument("--nms-thresh", type=float, default=0.5, help="NMS IoU threshold")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -3035,9 +3291,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
+    cli_before = _CLI_ACTIVE[0]
+    _CLI_ACTIVE[0] = True  # messages name command-line flags
     try:
         return args.func(args)
     finally:
+        _CLI_ACTIVE[0] = cli_before
         if dist.is_available() and dist.is_initialized() and "TORCHELASTIC_RUN_ID" in os.environ:
             dist.destroy_process_group()
 
