@@ -1026,9 +1026,20 @@ def machine_load() -> Optional[Tuple[float, int]]:
         return None
 
 
+def _in_jupyter() -> bool:
+    """True inside a Jupyter kernel (not merely when ipykernel is importable or imported)."""
+    if "IPython" not in sys.modules:
+        return False
+    try:
+        shell = sys.modules["IPython"].get_ipython()
+    except AttributeError:
+        return False
+    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
+
+
 def _use_bar() -> bool:
     """A progress bar only where carriage returns redraw in place: a terminal or Jupyter."""
-    if "ipykernel" in sys.modules:
+    if _in_jupyter():
         return True
     try:
         return sys.stdout.isatty() and sys.stderr.isatty()
@@ -2433,7 +2444,10 @@ def detection_visualizer(
     # About one figure pixel per image pixel (at 100 dpi), within 4 to 10 inches: labels in
     # points then keep the same size relative to the image, whatever its resolution.
     scale = min(max(max(width, height) / 100.0, 4.0), 10.0) / max(width, height)
-    fig, ax = plt.subplots(figsize=(width * scale, height * scale), frameon=False)
+    fig_w, img_h = width * scale, height * scale
+    title_h = 0.3 if title else 0.0
+    fig = plt.figure(figsize=(fig_w, img_h + title_h), frameon=False)
+    ax = fig.add_axes((0.0, 0.0, 1.0, img_h / (img_h + title_h)))  # the image fills the figure
     draw_detections(ax, img, idx_to_class, bbox=bbox, pred=pred, points=points, score_thresh=score_thresh,
                     max_boxes=max_boxes)
     if title:
