@@ -2864,8 +2864,11 @@ def _precision_text(amp: bool, device: torch.device) -> str:
     if amp:
         dtype = str(autocast_dtype(device)).replace("torch.", "")
         return f"{dtype} autocast, losses in float32 (--no-amp: all float32)"
-    alt = "float16" if device.type == "cuda" else "bfloat16"
-    return f"float32 (--amp: {alt} autocast)"
+    if device.type == "cuda":
+        return "float32 (--amp: float16 autocast, faster)"
+    if cpu_has_fast_bfloat16():
+        return "float32 (--amp: bfloat16 autocast, about 1.8x faster on this CPU)"
+    return "float32 (this CPU has no hardware bfloat16, where --amp would be slow)"
 
 
 def _train_plan(args: argparse.Namespace, config: Dict[str, Any], device: torch.device, detector: nn.Module,
