@@ -10,10 +10,13 @@ Sections (in file order):
   AMP on CUDA, checkpoints with exact resume, NaN guard, DistributedDataParallel under
   `torchrun`) and the samplers that make exact resume possible.
 * Frozen backbone + feature cache: `build_feature_cache`, `CachedFeatureDataset`.
+* Progress: `ProgressReporter` (a bar on a terminal, periodic plain lines in a log file).
 * Evaluation: `compute_voc_map` (PASCAL devkit rules), `compute_coco_map`
-  (pycocotools cross-check), `evaluate_detector`, `inference_with_detector`.
-* Pictures: `detection_visualizer`, `plot_loss_history`, `plot_per_class_ap`,
-  `plot_pr_curves`.
+  (pycocotools cross-check), `count_detection_errors` (false positives by kind, misses),
+  `evaluate_detector`, `inference_with_detector`.
+* Pictures: `detection_visualizer` / `draw_detections` (a colour per class, labels that
+  do not overlap), `plot_loss_history`, `plot_per_class_ap`, `plot_pr_curves`,
+  `plot_error_breakdown`.
 * Command line: `python a5_helper.py {train,eval,predict} --help`.
 
 Conventions (shared with fcos.py and two_stage_detector.py): boxes are XYXY in absolute
@@ -3113,9 +3116,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     _write_eval_outputs(metrics, out)
     (out / "metrics.json").write_text(json.dumps(_metrics_for_json(metrics), indent=2))
-    print(f"AP@0.5 per class ({metric}):")
+    print(f"AP@0.5 per class, {metric}:")
     for cls, ap in metrics["per_class"].items():
-        print(f"  {cls:<12} {'n/a' if math.isnan(ap) else f'{ap:.3f}'}")
+        print(f"  {cls:<12} {'n/a (no such objects in these images)' if math.isnan(ap) else f'{ap:.3f}'}")
     print("\n".join(_metric_lines(metrics, args.split)))
     print(f"Files in {out}:")
     print("\n".join(_written_files(out, ["metrics.json", "per_class_ap.png", "pr_curves.png", "error_breakdown.png"])))

@@ -259,7 +259,7 @@ def test_train_summary_eval_and_predict_read_well(tiny_voc, tmp_path, capsys, ti
     stdout = capsys.readouterr().out
     final = stdout.strip().splitlines()[-1]
     assert re.fullmatch(r"val mAP: [0-9.]+ \(AP@0.5, 11-point \(VOC2007\); all-point: [0-9.]+\)", final)
-    assert "AP@0.5 per class (11-point (VOC2007)):" in stdout and "evaluate: 3/3 images done" in stdout
+    assert "AP@0.5 per class, 11-point (VOC2007):" in stdout and "evaluate: 3/3 images done" in stdout
     saved = json.loads((ev / "metrics.json").read_text())
     assert saved["ap_metric"] == "11-point (VOC2007)" and saved["mAP"] == saved["mAP_11_point"]
     assert (ev / "error_breakdown.png").is_file()
