@@ -2659,10 +2659,10 @@ def plot_error_breakdown(errors: Dict[str, Any], save_path: Optional[PathLike] =
     n_det, n_obj = max(errors["detections"], 1), max(errors["objects"], 1)
     top = max(counts + [1])
     for yi, k, c in zip(y, kinds, counts):
-        share = f"{100 * c / (n_obj if k == 'missed' else n_det):.0f}% of {'objects' if k == 'missed' else 'detections'}"
-        ax0.text(c + 0.01 * top, yi, f"{c} ({share})", va="center", fontsize=8)
-    ax0.set_xlim(0, top * 1.45)
-    ax0.set_xlabel("count")
+        ax0.text(c + 0.01 * top, yi, f"{c} ({100 * c / (n_obj if k == 'missed' else n_det):.0f}%)", va="center",
+                 fontsize=8)
+    ax0.set_xlim(0, top * 1.3)
+    ax0.set_xlabel("count (%: of the detections; for missed objects, of the objects)", fontsize=9)
     ax0.set_title(f"{plural(errors['detections'], 'detection')} with score >= {errors['score_thresh']:g}, "
                   f"{plural(errors['objects'], 'object')}", fontsize=10)
     ax0.grid(axis="x", alpha=0.3)

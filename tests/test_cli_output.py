@@ -457,3 +457,8 @@ def test_plots_have_clean_axes(monkeypatch):
         for (ta, a), (tb, b) in itertools.combinations(zip(labels, extents), 2):
             assert _overlap((a.x0, a.y0, a.x1, a.y1), (b.x0, b.y0, b.x1, b.y1)) == 0.0, (
                 fig.axes[0].get_title(), ta.get_text(), tb.get_text())
+        for ax in fig.axes:  # value labels stay inside their panel
+            frame = ax.get_window_extent(renderer)
+            for t in ax.texts:
+                e = t.get_window_extent(renderer)
+                assert frame.x0 <= e.x0 and e.x1 <= frame.x1 and frame.y0 <= e.y0 and e.y1 <= frame.y1, t.get_text()
