@@ -457,8 +457,8 @@ class VOC2007DetectionTiny(Dataset):
         missing = [p for p, _ in self.instances if not os.path.isfile(p)]
         if missing:
             raise FileNotFoundError(
-                f"Image file not found: {missing[0]} ({len(missing)} of {len(self.instances)} images "
-                f"of split '{split}' are missing)"
+                f"Image file not found: {missing[0]} ({len(missing)} of {plural(len(self.instances), 'image')} "
+                f"of split '{split}' {'is' if len(missing) == 1 else 'are'} missing)"
             )
         self._warned_truncation = False
 
