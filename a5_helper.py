@@ -1261,7 +1261,7 @@ def train_detector(
     checkpoint_period: int = 500,
     resume: Union[bool, PathLike] = False,
     seed: Optional[int] = None,
-    progress: bool = True,
+    progress: Union[bool, str] = True,
     val_fn: Optional[Callable[[nn.Module], Dict[str, float]]] = None,
     val_period: Optional[int] = None,
     model_config: Optional[Dict[str, Any]] = None,
@@ -1293,6 +1293,10 @@ def train_detector(
             same losses as an uninterrupted one.
         seed: seeds the data order and augmentation; default: drawn from torch's RNG
             (so `reset_seed(n)` beforehand makes training reproducible).
+        progress: True: a progress bar on a terminal (or in Jupyter), else a plain line
+            every `log_period` iterations and at most every $A5_PROGRESS_SECONDS (10)
+            seconds, with the mean loss, speed and ETA (`ProgressReporter`); False: those
+            plain lines always; "off": nothing.
         val_fn: `val_fn(detector) -> dict of metrics`, run (on rank 0) every
             `val_period` iterations (if given) and at the end, with the training RNG
             state preserved; results are stored in `history["val"]`.
@@ -1614,7 +1618,7 @@ def build_feature_cache(
     device: Union[str, torch.device] = "cpu",
     storage_dtype: torch.dtype = torch.float16,
     num_workers: int = 0,
-    progress: bool = True,
+    progress: Union[bool, str] = True,
     on_mismatch: str = "rebuild",
     seed: int = 0,
 ) -> CachedFeatureDataset:
@@ -1635,6 +1639,8 @@ def build_feature_cache(
             list of images; a mismatched or incomplete cache is rebuilt
             (`on_mismatch="rebuild"`) or refused (`on_mismatch="error"`), never reused.
         storage_dtype: torch.float16 (default, half the memory) or torch.float32.
+        progress: True: a bar on a terminal, plain lines in a log (`ProgressReporter`);
+            "lines": plain lines always; False / "off": silent.
 
     Returns: a CachedFeatureDataset.
     """
@@ -2095,10 +2101,13 @@ def collect_predictions(
     num_workers: int = 0,
     max_detections: int = 100,
     amp: bool = False,
-    progress: bool = True,
+    progress: Union[bool, str] = True,
     class_names: Optional[Sequence[str]] = None,
 ) -> Tuple[GroundTruths, Detections]:
     """Run batched inference over every image of `dataset` (evaluation transform).
+
+    `progress`: True: a bar on a terminal, plain lines in a log (`ProgressReporter`);
+    "lines": plain lines always; False / "off": silent.
 
     Returns `(ground_truths, detections)` in the format of `compute_voc_map`, in
     original image pixels when the dataset can map boxes back (VOC2007DetectionTiny),
