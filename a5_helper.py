@@ -1223,8 +1223,9 @@ class ProgressReporter:
             done = self.n - self.initial
             speed = f", {_format_rate(done / seconds, self.unit)}" if seconds > 0 and done > 0 else ""
             stats = "".join(f", {k} {_format_stat(v)}" for k, v in self.stats.items())
+            state = "done in" if self.n >= self.total else "stopped after"
             self.write(f"{self.desc}: " + self.count_format.format(n=self.n, total=self.total)
-                       + f" done in {format_duration(seconds)}{speed}{stats}")
+                       + f" {state} {format_duration(seconds)}{speed}{stats}")
         return seconds
 
     def __enter__(self) -> "ProgressReporter":
@@ -1926,7 +1927,7 @@ ERROR_KINDS = ("localisation", "confusion", "duplicate", "background")
 ERROR_KIND_HELP = {
     "correct": "true positive: right class, IoU > 0.5 with an object not yet taken",
     "localisation": "right class, 0.1 <= IoU <= 0.5 with an object of that class",
-    "confusion": "IoU >= 0.1 with an object of another class (and not a localisation error)",
+    "confusion": "on an object of another class: IoU > 0.5 with it, or IoU >= 0.1 and no localisation error",
     "duplicate": "right class, IoU > 0.5 with an object that a higher-scoring detection already took",
     "background": "IoU < 0.1 with every object",
     "missed": "object (not difficult) that no detection found",

@@ -104,6 +104,10 @@ def test_progress_says_why_it_slowed_down(capsys):
 
 
 def test_progress_off_and_bar_modes(capsys):
+    bar = h.ProgressReporter(10, "cut", mode="lines", min_seconds=0, clock=FakeClock(), load=lambda: None)
+    bar.update(4)
+    bar.close()
+    assert capsys.readouterr().out.splitlines()[-1].startswith("cut: 4/10 stopped after 0 s")
     bar = h.ProgressReporter(5, "quiet", mode="off")
     for _ in range(5):
         bar.update(1)
