@@ -2653,7 +2653,12 @@ def plot_error_breakdown(errors: Dict[str, Any], save_path: Optional[PathLike] =
                          title: Optional[str] = None) -> Optional[Path]:
     """Bar charts of `count_detection_errors`: what the counted detections were (correct or
     which kind of false positive) and how many objects were missed, overall (left) and
-    per class (right, errors stacked, classes with most errors on top)."""
+    per class (right, errors stacked, classes with most errors on top).
+
+    `errors` is what `count_detection_errors` returns, or the result of
+    `evaluate_detector(..., error_score_thresh=0.3)` (its "errors" entry is used)."""
+    if isinstance(errors.get("errors"), dict):
+        errors = errors["errors"]
     plt = _pyplot()
     kinds = ("correct",) + ERROR_KINDS + ("missed",)
     colors = {"correct": "tab:green", "localisation": "tab:orange", "confusion": "tab:purple",

@@ -288,7 +288,7 @@ def test_outputs_are_git_ignored():
 # --------------------------------------------------------------------------------------
 
 
-def test_count_detection_errors_calls_each_kind():
+def test_count_detection_errors_calls_each_kind(tmp_path):
     gts = {"a": [("car", [0, 0, 99, 99], False), ("dog", [200, 200, 299, 299], False),
                  ("cat", [400, 0, 499, 99], False)],
            "b": [("car", [0, 0, 49, 49], True)]}
@@ -312,6 +312,9 @@ def test_count_detection_errors_calls_each_kind():
     lines = h.format_error_breakdown(hi)
     assert lines[0].startswith("7 detections with score >= 0.3: 1 correct (14%)")
     assert lines[1] == "3 objects (not difficult): 1 found, 2 missed (67%)"
+    # The chart takes the counts, or evaluate_detector's result that holds them.
+    path = h.plot_error_breakdown({"mAP": 0.5, "errors": hi}, save_path=tmp_path / "errors.png")
+    assert path == tmp_path / "errors.png" and path.stat().st_size > 1000
 
 
 def test_error_counts_agree_with_the_ap_matching():
