@@ -980,6 +980,23 @@ def _arg_name(python: str, flag: str) -> str:
     return flag if _CLI_ACTIVE[0] else python
 
 
+# Python spellings in messages of fcos.py / two_stage_detector.py -> command-line flags.
+_PYTHON_TO_FLAG = {"pretrained=False": "--no-pretrained", "backbone='mobilenet_v2'": "--backbone mobilenet_v2",
+                   "freeze_backbone=True": "--frozen-backbone", "amp=False": "--no-amp"}
+
+
+def _with_flags(err: Exception) -> Exception:
+    """The same error, its message naming command-line flags instead of Python arguments."""
+    text = str(err)
+    for python, flag in _PYTHON_TO_FLAG.items():
+        text = text.replace(python, flag)
+    if text == str(err):
+        return err
+    new = type(err)(text) if isinstance(err, (RuntimeError, ValueError)) else RuntimeError(text)
+    new.__cause__ = err
+    return new
+
+
 def plural(count: int, word: str, plural_form: Optional[str] = None) -> str:
     """`"1 detection"`, `"2 detections"` (`plural_form` for irregular words)."""
     return f"{count} {word if count == 1 else (plural_form or word + 's')}"
@@ -3045,7 +3062,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         stored = load_checkpoint(resume_ckpt).get("config")
         if stored:
             config = stored  # resume the model that was trained, whatever the flags say
-    detector = build_detector(config)
+    try:
+        detector = build_detector(config)
+    except (RuntimeError, ValueError) as err:
+        raise _with_flags(err) from err
 
     train_set = VOC2007DetectionTiny(args.data_dir, "train", download=args.download, image_size=args.image_size)
     train_set = _first_n(train_set, args.max_train_images)

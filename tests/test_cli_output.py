@@ -206,6 +206,20 @@ def test_messages_name_the_python_argument_or_the_flag(capsys):
     assert "--no-amp turns it off" in out and "amp=False" not in out
 
 
+def test_detector_errors_name_the_flags(tiny_voc, tmp_path, monkeypatch):
+    def offline(**kwargs):
+        raise RuntimeError("Could not load the weights. Either build the model with pretrained=False, or use "
+                           "backbone='mobilenet_v2' with TORCH_HOME set")
+
+    monkeypatch.setitem(h.DETECTOR_BUILDERS, "offline", offline)
+    with pytest.raises(RuntimeError) as info:
+        h.main(["train", "--detector", "offline", "--out", str(tmp_path / "x"), "--data-dir", str(tiny_voc),
+                "--device", "cpu"])
+    message = str(info.value)
+    assert "--no-pretrained" in message and "--backbone mobilenet_v2" in message and "pretrained=False" not in message
+    assert "pretrained=False" in str(info.value.__cause__)
+
+
 # --------------------------------------------------------------------------------------
 # The run's summaries: train, eval, predict
 # --------------------------------------------------------------------------------------
