@@ -81,7 +81,8 @@ def test_progress_is_periodic_lines_in_a_log(capsys):
     # Once the speed is known, one line says how long the rest takes.
     expect = [l for l in lines if "should take about" in l]
     assert len(expect) == 1 and "8 it/s, so the remaining 3340 iterations should take about 7.0 min" in expect[0]
-    assert lines[-1] == "train: iter 1000/3500 done in 2.1 min, 8 it/s, loss 1.12, lr 0.0195"
+    # Closed before the end (an interrupted phase): it says so, with the time it ran.
+    assert lines[-1] == "train: iter 1000/3500 stopped after 2.1 min, 8 it/s, loss 1.12, lr 0.0195"
     assert not any("busy" in l or "slower" in l for l in lines)
 
 
