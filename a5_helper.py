@@ -10,10 +10,13 @@ Sections (in file order):
   AMP on CUDA, checkpoints with exact resume, NaN guard, DistributedDataParallel under
   `torchrun`) and the samplers that make exact resume possible.
 * Frozen backbone + feature cache: `build_feature_cache`, `CachedFeatureDataset`.
+* Progress: `ProgressReporter` (a bar on a terminal, periodic plain lines in a log file).
 * Evaluation: `compute_voc_map` (PASCAL devkit rules), `compute_coco_map`
-  (pycocotools cross-check), `evaluate_detector`, `inference_with_detector`.
-* Pictures: `detection_visualizer`, `plot_loss_history`, `plot_per_class_ap`,
-  `plot_pr_curves`.
+  (pycocotools cross-check), `count_detection_errors` (false positives by kind, misses),
+  `evaluate_detector`, `inference_with_detector`.
+* Pictures: `detection_visualizer` / `draw_detections` (a colour per class, labels that
+  do not overlap), `plot_loss_history`, `plot_per_class_ap`, `plot_pr_curves`,
+  `plot_error_breakdown`.
 * Command line: `python a5_helper.py {train,eval,predict} --help`.
 
 Conventions (shared with fcos.py and two_stage_detector.py): boxes are XYXY in absolute
@@ -463,8 +466,8 @@ class VOC2007DetectionTiny(Dataset):
         missing = [p for p, _ in self.instances if not os.path.isfile(p)]
         if missing:
             raise FileNotFoundError(
-                f"Image file not found: {missing[0]} ({len(missing)} of {len(self.instances)} images "
-                f"of split '{split}' are missing)"
+                f"Image file not found: {missing[0]} ({len(missing)} of {plural(len(self.instances), 'image')} "
+                f"of split '{split}' {'is' if len(missing) == 1 else 'are'} missing)"
             )
         self._warned_truncation = False
         self.validation_report: Dict[str, list] = {}
@@ -731,7 +734,11 @@ def download_voc2007(dataset_dir: PathLike, resources: Optional[Dict[str, Any]] 
                 h = hashlib.md5()
                 with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
                     total = int(response.headers.get("Content-Length") or 0) or None
-                    with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {archive.name}") as bar:
+                    if not _use_bar():  # a log file gets one line, not thousands of bar updates
+                        print(f"Downloading {archive.name} ({format_bytes(total) if total else 'size unknown'}) "
+                              f"from {url} ...", flush=True)
+                    with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {archive.name}",
+                              disable=not _use_bar()) as bar:
                         for block in iter(lambda: response.read(1 << 20), b""):
                             out.write(block)
                             h.update(block)
@@ -1179,6 +1186,304 @@ def _new_history() -> Dict[str, list]:
     return {"iteration": [], "lr": [], "total_loss": [], "val": []}
 
 
+def _loss_stats(history: Dict[str, list], terms: Sequence[str], window: int) -> Dict[str, float]:
+    """Losses for the progress line: means over the last `window` iterations (one batch is
+    noisy), 3 significant digits; loss terms lose their "loss_" prefix ("cls 0.51")."""
+    stats = {"loss": float(f"{np.mean(history['total_loss'][-window:]):.3g}")}
+    for key in terms:
+        if history.get(key):
+            stats[key.replace("loss_", "")] = float(f"{np.mean(history[key][-window:]):.3g}")
+    return stats
+
+
+# ======================================================================================
+# Progress and messages: a bar on a terminal, periodic plain lines in a log file
+# ======================================================================================
+
+# Set by `main()`: messages then name command-line flags ("--no-amp") instead of Python
+# arguments ("amp=False").
+_CLI_ACTIVE = [False]
+
+
+def _arg_name(python: str, flag: str) -> str:
+    """`flag` when the command line is running, else the Python spelling `python`."""
+    return flag if _CLI_ACTIVE[0] else python
+
+
+# Python spellings in messages of fcos.py / two_stage_detector.py -> command-line flags.
+_PYTHON_TO_FLAG = {"pretrained=False": "--no-pretrained", "backbone='mobilenet_v2'": "--backbone mobilenet_v2",
+                   "freeze_backbone=True": "--frozen-backbone", "amp=False": "--no-amp"}
+
+
+def _with_flags(err: Exception) -> Exception:
+    """The same error, its message naming command-line flags instead of Python arguments."""
+    text = str(err)
+    for python, flag in _PYTHON_TO_FLAG.items():
+        text = text.replace(python, flag)
+    if text == str(err):
+        return err
+    new = type(err)(text) if isinstance(err, (RuntimeError, ValueError)) else RuntimeError(text)
+    new.__cause__ = err
+    return new
+
+
+def plural(count: int, word: str, plural_form: Optional[str] = None) -> str:
+    """`"1 detection"`, `"2 detections"` (`plural_form` for irregular words)."""
+    return f"{count} {word if count == 1 else (plural_form or word + 's')}"
+
+
+def format_bytes(size: float) -> str:
+    """ "512 B", "3.4 MB", "1.9 GB" (powers of 1000)."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 999.5 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2g} {unit}" if size < 10 else f"{size:.0f} {unit}"
+        size /= 1000.0
+    return f"{size} TB"  # unreachable
+
+
+def format_duration(seconds: float) -> str:
+    """Short human duration: "45 s", "3.2 min", "1 h 05 min"."""
+    seconds = max(0.0, float(seconds))
+    if seconds < 59.5:
+        return f"{seconds:.0f} s"
+    if seconds < 600:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    hours, minutes = divmod(int(round(seconds / 60)), 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def _format_rate(rate: float, unit: str) -> str:
+    if rate <= 0 or not math.isfinite(rate):
+        return f"? {unit}/s"
+    if rate >= 1:
+        return f"{rate:.3g} {unit}/s"
+    return f"{1 / rate:.3g} s/{unit}"
+
+
+def _format_stat(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def machine_load() -> Optional[Tuple[float, int]]:
+    """`(1-minute load average, number of CPUs)`, or None where the OS has no load average."""
+    try:
+        return os.getloadavg()[0], os.cpu_count() or 1
+    except (AttributeError, OSError):
+        return None
+
+
+def _in_jupyter() -> bool:
+    """True inside a Jupyter kernel (not merely when ipykernel is importable or imported)."""
+    if "IPython" not in sys.modules:
+        return False
+    try:
+        shell = sys.modules["IPython"].get_ipython()
+    except AttributeError:
+        return False
+    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
+
+
+def _use_bar() -> bool:
+    """A progress bar only where carriage returns redraw in place: a terminal or Jupyter."""
+    if _in_jupyter():
+        return True
+    try:
+        return sys.stdout.isatty() and sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _progress_mode(progress: Union[bool, str], when_false: str = "off") -> str:
+    """`progress` argument of the long functions -> "auto" | "bar" | "lines" | "off"."""
+    if progress is True:
+        return "auto"
+    if progress is False or progress is None:
+        return when_false
+    if progress not in ("auto", "bar", "lines", "off"):
+        raise ValueError(f"progress must be True, False, 'auto', 'bar', 'lines' or 'off', not {progress!r}")
+    return progress
+
+
+class ProgressReporter:
+    """Progress of one long phase (cache build, training, evaluation).
+
+    On a terminal (or in Jupyter) it is a tqdm bar. Otherwise (output to a log file, or
+    `mode="lines"`) it prints a plain line now and then, which `less` and `grep` read:
+
+        train: iter 500/3500 (14%), loss 1.12, 9.8 it/s, ETA 5.1 min
+
+    A line comes after at least `every` steps and `min_seconds` seconds (default
+    `$A5_PROGRESS_SECONDS`, else 10) since the previous one, and at the first step;
+    `close()` prints the phase's total time. Once the speed is known (after
+    `announce_after` seconds) one line says how long the rest should take. When the speed
+    drops, or the machine is busy (1-minute load average above the number of CPUs, see
+    `machine_load`), the lines say so: that is the usual reason for a sudden long ETA.
+
+    Args:
+        total: number of steps of the phase (iterations, images).
+        desc: the phase's name, the start of every line.
+        count_format: how the count reads, with `{n}` and `{total}`, e.g. "iter {n}/{total}"
+            or "{n}/{total} images".
+        unit: the unit of the speed ("it" -> "9.8 it/s", below 1/s "1.6 s/it").
+        noun: what a step is, for the expected-time line ("iteration", "image").
+        mode: "auto" (bar on a terminal, else lines), "bar", "lines" or "off".
+        initial: steps already done (a resumed run).
+        clock, load: injectable time source and `machine_load` replacement (tests).
+    """
+
+    def __init__(self, total: int, desc: str, *, count_format: str = "{n}/{total}", unit: str = "it",
+                 noun: str = "step", mode: str = "auto", initial: int = 0, every: int = 1,
+                 min_seconds: Optional[float] = None,
+                 announce_after: float = 20.0, clock: Callable[[], float] = time.monotonic,
+                 load: Callable[[], Optional[Tuple[float, int]]] = machine_load, stream: Optional[Any] = None):
+        if mode == "auto":
+            mode = "bar" if _use_bar() else "lines"
+        self.mode, self.total, self.desc, self.unit = mode, int(total), desc, unit
+        self.count_format, self.noun, self.every = count_format, noun, max(1, int(every))
+        if min_seconds is None:
+            min_seconds = float(os.environ.get("A5_PROGRESS_SECONDS", 10))
+        self.min_seconds, self.announce_after = min_seconds, announce_after
+        self.clock, self.load, self.stream = clock, load, stream
+        self.initial = self.n = int(initial)
+        self.stats: Dict[str, Any] = {}
+        self.start = clock()
+        self.samples: List[Tuple[float, int]] = []  # (time, n) after each update, for the recent speed
+        self.last_line: Optional[Tuple[float, int]] = None
+        self.best_rate = 0.0
+        self.announced = False
+        self.busy_noted = False
+        self.closed = False
+        self.bar = None
+        if mode == "bar":
+            self.bar = tqdm(total=self.total, initial=self.n, desc=desc, dynamic_ncols=True, unit=unit)
+
+    # -- output -------------------------------------------------------------------------
+    def write(self, message: str) -> None:
+        """Print a message without breaking the bar."""
+        if self.mode == "off":
+            return
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            print(message, file=self.stream or sys.stdout, flush=True)
+
+    # -- speed --------------------------------------------------------------------------
+    def rate(self, window: float = 60.0) -> float:
+        """Steps per second over the last `window` seconds (the first step, which pays
+        for warm-up, is left out); 0.0 while unknown."""
+        if len(self.samples) < 2:
+            return 0.0
+        t_now, n_now = self.samples[-1]
+        old = next(((t, n) for t, n in self.samples if t_now - t <= window), self.samples[0])
+        if old == self.samples[-1]:
+            old = self.samples[-2]
+        dt = t_now - old[0]
+        return (n_now - old[1]) / dt if dt > 0 else 0.0
+
+    def eta(self) -> Optional[float]:
+        rate = self.rate()
+        return (self.total - self.n) / rate if rate > 0 else None
+
+    def slowdown_note(self) -> str:
+        """Why it is slow, when that can be told: "" on an idle machine at full speed."""
+        rate = self.rate()
+        slowed = self.best_rate > 0 and 0 < rate < 0.6 * self.best_rate
+        load = self.load() if self.load is not None else None
+        busy = load is not None and load[0] > load[1]
+        parts = []
+        if slowed:
+            parts.append(f"slower than the earlier {_format_rate(self.best_rate, self.unit)}")
+        if busy:
+            parts.append(f"machine busy: load average {load[0]:.1f} on {plural(load[1], 'CPU')}")
+        return "; ".join(parts)
+
+    # -- steps --------------------------------------------------------------------------
+    def set_stats(self, **stats: Any) -> None:
+        """Values shown with the progress, e.g. `loss=1.12`."""
+        self.stats.update(stats)
+        if self.bar is not None:
+            self.bar.set_postfix({k: _format_stat(v) for k, v in self.stats.items()}, refresh=False)
+
+    def line(self) -> str:
+        """The plain progress line for the current state."""
+        pct = 100.0 * self.n / self.total if self.total else 100.0
+        parts = [f"{self.desc}: " + self.count_format.format(n=self.n, total=self.total) + f" ({pct:.0f}%)"]
+        parts += [f"{k} {_format_stat(v)}" for k, v in self.stats.items()]
+        rate = self.rate()
+        if rate > 0:
+            parts.append(_format_rate(rate, self.unit))
+            eta = self.eta()
+            if eta is not None and self.n < self.total:
+                parts.append(f"ETA {format_duration(eta)}")
+        note = self.slowdown_note()
+        return ", ".join(parts) + (f" ({note})" if note else "")
+
+    def update(self, n: int = 1, **stats: Any) -> None:
+        if stats:
+            self.set_stats(**stats)
+        self.n += n
+        now = self.clock()
+        self.samples.append((now, self.n))
+        while len(self.samples) > 2 and now - self.samples[1][0] > 120.0:
+            self.samples.pop(0)
+        if self.bar is not None:
+            self.bar.update(n)
+        if self.mode == "off":
+            return
+        first = self.last_line is None
+        due = (not first and self.n - self.last_line[1] >= self.every
+               and now - self.last_line[0] >= self.min_seconds and self.n < self.total)
+        if due or (first and self.n < self.total):
+            rate = self.rate()
+            if self.mode == "lines":
+                self.write(self.line())
+            elif not self.busy_noted:  # the bar shows the speed; say once why it is slow
+                note = self.slowdown_note()
+                if "busy" in note:
+                    self.write(f"{self.desc}: {note}; it will run slower than on an idle machine")
+                    self.busy_noted = True
+            self.best_rate = max(self.best_rate, rate)
+            self.last_line = (now, self.n)
+        if (not self.announced and self.n < self.total and now - self.start >= self.announce_after
+                and len(self.samples) >= 3):
+            self.announced = True
+            eta = self.eta()
+            if eta is not None:
+                finish = time.strftime("%H:%M", time.localtime(time.time() + eta))
+                self.write(f"{self.desc}: {_format_rate(self.rate(), self.unit)}, so the remaining "
+                           f"{plural(self.total - self.n, self.noun)} should take about {format_duration(eta)} "
+                           f"(until about {finish})")
+
+    def close(self) -> float:
+        """End the phase; prints (lines mode) and returns its duration in seconds."""
+        if self.closed:
+            return self.clock() - self.start
+        self.closed = True
+        seconds = self.clock() - self.start
+        if self.bar is not None:
+            self.bar.close()
+        elif self.mode == "lines":
+            done = self.n - self.initial
+            speed = f", {_format_rate(done / seconds, self.unit)}" if seconds > 0 and done > 0 else ""
+            stats = "".join(f", {k} {_format_stat(v)}" for k, v in self.stats.items())
+            state = "done in" if self.n >= self.total else "stopped after"
+            self.write(f"{self.desc}: " + self.count_format.format(n=self.n, total=self.total)
+                       + f" {state} {format_duration(seconds)}{speed}{stats}")
+        return seconds
+
+    def __enter__(self) -> "ProgressReporter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None and not self.closed:
+            self.bar.close()
+            self.closed = True
+
+
 # ======================================================================================
 # Training: the loop
 # ======================================================================================
@@ -1204,7 +1509,7 @@ def train_detector(
     checkpoint_period: int = 500,
     resume: Union[bool, PathLike] = False,
     seed: Optional[int] = None,
-    progress: bool = True,
+    progress: Union[bool, str] = True,
     val_fn: Optional[Callable[[nn.Module], Dict[str, float]]] = None,
     val_period: Optional[int] = None,
     model_config: Optional[Dict[str, Any]] = None,
@@ -1248,6 +1553,10 @@ def train_detector(
             (see `load_checkpoint`).
         seed: seeds the data order and augmentation; default: drawn from torch's RNG
             (so `reset_seed(n)` beforehand makes training reproducible).
+        progress: True: a progress bar on a terminal (or in Jupyter), else a plain line
+            every `log_period` iterations and at most every $A5_PROGRESS_SECONDS (10)
+            seconds, with the mean loss, speed and ETA (`ProgressReporter`); False: those
+            plain lines always; "off": nothing.
         val_fn: `val_fn(detector) -> dict of metrics`, run (on rank 0) every
             `val_period` iterations (if given) and at the end, with the training RNG
             state preserved; results are stored in `history["val"]`.
@@ -1296,7 +1605,7 @@ def train_detector(
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
     if use_amp and rank == 0:
         print(f"Mixed precision: {str(amp_dtype).replace('torch.', '')} autocast on {device.type} "
-              "(losses in float32; amp=False turns it off).")
+              f"(losses in float32; {_arg_name('amp=False', '--no-amp')} turns it off).")
 
     ckpt_path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir is not None else None
     history = _new_history()
@@ -1389,7 +1698,8 @@ def train_detector(
     skipped = history.setdefault("skipped", [])
     written: List[int] = []  # iterations of the checkpoints this call saved
     model.train()
-    bar = tqdm(total=max_iters, initial=start_iter, desc="train", dynamic_ncols=True, disable=not progress or rank != 0)
+    bar = ProgressReporter(max_iters, "train", count_format="iter {n}/{total}", noun="iteration", initial=start_iter,
+                           every=log_period, mode=_progress_mode(progress, "lines") if rank == 0 else "off")
     for it in range(start_iter, max_iters):
         paths, images, gt_boxes = next(batches)
         images = move_to_device(images, device)
@@ -1463,15 +1773,9 @@ def train_detector(
         for key, value in zip(losses, values[1:]):
             history.setdefault(key, []).append(value)
 
-        bar.update(1)
         if it % log_period == 0 or it == max_iters - 1:
-            if progress:
-                bar.set_postfix({"loss": f"{values[0]:.3f}", **{k: f"{v:.3f}" for k, v in zip(losses, values[1:])}})
-            elif rank == 0:
-                line = f"[Iter {it}][loss: {values[0]:.3f}]" + "".join(
-                    f"[{k}: {v:.3f}]" for k, v in zip(losses, values[1:])
-                )
-                print(line + f"[lr: {lr:.2e}]", flush=True)
+            bar.set_stats(**_loss_stats(history, list(losses), log_period), lr=float(f"{lr:.3g}"))
+        bar.update(1)
 
         done = it + 1
         if val_fn is not None and ((val_period and done % val_period == 0) or done == max_iters):
@@ -1479,8 +1783,8 @@ def train_detector(
                 with _preserved_rng():
                     metrics = val_fn(detector)
                 history["val"].append({"iteration": done, **metrics})
-                print(f"[Iter {done}] validation: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()
-                                                               if isinstance(v, (int, float))))
+                bar.write(f"train: iter {done}, validation: " + ", ".join(
+                    f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float))))
             if world > 1:
                 dist.barrier()
             model.train()
@@ -1684,7 +1988,7 @@ def build_feature_cache(
     device: Union[str, torch.device] = "cpu",
     storage_dtype: torch.dtype = torch.float16,
     num_workers: int = 0,
-    progress: bool = True,
+    progress: Union[bool, str] = True,
     on_mismatch: str = "rebuild",
     seed: int = 0,
 ) -> CachedFeatureDataset:
@@ -1709,6 +2013,8 @@ def build_feature_cache(
             is named and rebuilt (`on_mismatch="rebuild"`) or refused
             (`on_mismatch="error"`), never reused.
         storage_dtype: torch.float16 (default, half the memory) or torch.float32.
+        progress: True: a bar on a terminal, plain lines in a log (`ProgressReporter`);
+            "lines": plain lines always; False / "off": silent.
 
     Returns: a CachedFeatureDataset.
     """
@@ -1716,7 +2022,8 @@ def build_feature_cache(
     inner = getattr(fpn_backbone, "backbone", None)
     if inner is not None and any(p.requires_grad for p in inner.parameters()):
         raise ValueError(
-            "build_feature_cache needs a frozen backbone (build the detector with freeze_backbone=True): "
+            "build_feature_cache needs a frozen backbone (build the detector with "
+            f"{_arg_name('freeze_backbone=True', '--frozen-backbone')}): "
             "features of a backbone that trains would go stale after the first step."
         )
     if storage_dtype not in (torch.float16, torch.float32):
@@ -1761,8 +2068,10 @@ def build_feature_cache(
                         tmp = cache_path / "meta.json.tmp"
                         tmp.write_text(json.dumps(meta, indent=1))
                         os.replace(tmp, cache_path / "meta.json")
-                    if progress:
-                        print(f"Loaded feature cache from {cache_path} ({N} images x {V} variants).")
+                    if _progress_mode(progress) != "off":
+                        size = sum(feats[k].nbytes for k in FEATURE_LEVELS)
+                        print(f"Loaded feature cache from {cache_path} ({plural(N, 'image')} x {plural(V, 'variant')}, "
+                              f"{format_bytes(size)}); it was built by an earlier run.")
                     return CachedFeatureDataset(feats, gt, paths, variants, meta)
         if problem is not None:
             message = f"Feature cache at {cache_path} is damaged: {problem}"
@@ -1776,7 +2085,7 @@ def build_feature_cache(
                     reason += f"; changed images: {', '.join(changed[:5])}" + (" ..." if len(changed) > 5 else "")
             message = f"Feature cache at {cache_path} does not match this backbone/dataset ({reason})"
         if on_mismatch == "error":
-            raise RuntimeError(message + "; delete it or choose another cache_dir.")
+            raise RuntimeError(message + f"; delete it or choose another {_arg_name('cache_dir', '--cache-dir')}.")
         print(message + "; rebuilding it.")
     if cache_path is not None:
         cache_path.mkdir(parents=True, exist_ok=True)
@@ -1790,8 +2099,10 @@ def build_feature_cache(
     store: Dict[str, Union[torch.Tensor, np.ndarray]] = {}
     gt_all = torch.full((N * V, getattr(base, "max_num_instances", 40), 5), -1.0)
     row = 0
-    with torch.no_grad():
-        for images, gt in tqdm(loader, desc="caching backbone features", disable=not progress, dynamic_ncols=True):
+    bar = ProgressReporter(N * V, "caching backbone features", count_format="{n}/{total} images", unit="img",
+                           noun="image", mode=_progress_mode(progress))
+    with torch.no_grad(), bar:
+        for images, gt in loader:
             feats = fpn_backbone.extract_features(images.to(device))
             for level in FEATURE_LEVELS:
                 f = feats[level].detach().to("cpu", storage_dtype)
@@ -1808,6 +2119,8 @@ def build_feature_cache(
                     store[level][row : row + len(f)] = f
             gt_all[row : row + len(gt), : gt.shape[1]] = gt
             row += len(images)
+            bar.update(len(images))
+        bar.close()
     fpn_backbone.train(was_training)
     meta = {"key": key, "complete": True, "shapes": {k: list(v.shape) for k, v in store.items()}}
     if cache_path is not None:
@@ -1869,6 +2182,9 @@ def _iou_plus_one(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         boxes[:, 3] - boxes[:, 1] + 1.0
     ) - inter
     return inter / union
+
+
+AP_METRIC_NAMES = {False: "all-point (VOC2010+)", True: "11-point (VOC2007)"}
 
 
 def compute_voc_map(
@@ -2012,6 +2328,126 @@ def compute_coco_map(ground_truths: GroundTruths, detections: Detections, class_
     return {"mAP": float(ev.stats[0]), "AP50": float(ev.stats[1]), "AP75": float(ev.stats[2])}
 
 
+# What `count_detection_errors` calls each false positive (and the misses), in the order the
+# pictures show them. The idea is Hoiem et al., "Diagnosing error in object detectors"
+# (ECCV 2012), and the TIDE toolbox (Bolya et al. 2020). TIDE itself (`tidecv` 1.0.1, the
+# latest release) was tried and is not used: it imports OpenCV, pandas, seaborn and
+# appdirs at import time and builds a seaborn palette in `TIDE()`, none of which this
+# project installs, and it works on COCO-format data with COCO's AP. This is a small
+# implementation of the same classification on the VOC AP50 protocol of `compute_voc_map`.
+ERROR_KINDS = ("localisation", "confusion", "duplicate", "background")
+ERROR_KIND_HELP = {
+    "correct": "true positive: right class, IoU > 0.5 with an object not yet taken",
+    "localisation": "right class, 0.1 <= IoU <= 0.5 with an object of that class",
+    "confusion": "on an object of another class: IoU > 0.5 with it, or IoU >= 0.1 and no localisation error",
+    "duplicate": "right class, IoU > 0.5 with an object that a higher-scoring detection already took",
+    "background": "IoU < 0.1 with every object",
+    "missed": "object (not difficult) that no detection found",
+}
+
+
+def count_detection_errors(
+    ground_truths: GroundTruths,
+    detections: Detections,
+    class_names: Sequence[str],
+    iou_threshold: float = 0.5,
+    score_thresh: float = 0.0,
+    background_iou: float = 0.1,
+) -> Dict[str, Any]:
+    """Break a detector's mistakes down by kind, at the AP50 protocol of `compute_voc_map`.
+
+    Detections with `score >= score_thresh` are matched as the VOC devkit does (per class,
+    by decreasing score, each to the object of its class it overlaps most; a match needs
+    IoU > `iou_threshold`; difficult objects are ignored). Each one that is not a true
+    positive is then called, first rule that applies:
+
+    * "duplicate": right class, IoU > `iou_threshold` with an object already taken by a
+      higher-scoring detection;
+    * "confusion" (a): IoU > `iou_threshold` with an object of another class;
+    * "localisation": right class, `background_iou` <= IoU <= `iou_threshold`;
+    * "confusion" (b): IoU >= `background_iou` with an object of another class;
+    * "background": IoU < `background_iou` with every object.
+
+    Objects (not difficult) that no detection matched are "missed".
+
+    Args:
+        ground_truths, detections: as for `compute_voc_map` (what `collect_predictions`
+            returns), boxes in the same pixels.
+        score_thresh: count only detections at least this confident. 0 counts all of
+            them (all the detections that AP sees; many are low-scoring); 0.3 counts
+            those that `predict` draws.
+
+    Returns: {"correct", "localisation", "confusion", "duplicate", "background",
+        "missed": counts; "detections": detections counted, "objects": non-difficult
+        objects, "ignored": detections on difficult objects, "score_thresh",
+        "iou_threshold", "per_class": {class_name: the same counts}}.
+    """
+    keys = ("correct",) + ERROR_KINDS + ("missed", "detections", "objects", "ignored")
+    per_class: Dict[str, Dict[str, int]] = {c: dict.fromkeys(keys, 0) for c in class_names}
+    class_index = {c: i for i, c in enumerate(class_names)}
+    # Every object of each image: boxes (M, 4), class index (M,), difficult (M,).
+    images: Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    for image_id, objects in ground_truths.items():
+        objects = [o for o in objects if o[0] in class_index]
+        boxes = np.asarray([[float(v) for v in o[1][:4]] for o in objects], dtype=np.float64).reshape(-1, 4)
+        labels = np.asarray([class_index[o[0]] for o in objects], dtype=np.int64)
+        difficult = np.asarray([bool(o[2]) for o in objects], dtype=bool)
+        images[image_id] = (boxes, labels, difficult)
+        for o in objects:
+            if not o[2]:
+                per_class[o[0]]["objects"] += 1
+    taken = {image_id: np.zeros(len(v[1]), dtype=bool) for image_id, v in images.items()}
+    kept = [d for d in detections if d[1] in class_index and float(d[2]) >= score_thresh]
+    # Per class by decreasing score, as the devkit (a stable sort keeps the input order on ties).
+    kept.sort(key=lambda d: (class_index[d[1]], -float(d[2])))
+    empty = (np.zeros((0, 4)), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool))
+    for image_id, cls, _, box in kept:
+        counts = per_class[cls]
+        counts["detections"] += 1
+        boxes, labels, difficult = images.get(image_id, empty)
+        ious = _iou_plus_one(np.asarray(box[:4], dtype=np.float64), boxes) if len(boxes) else np.zeros(0)
+        same = labels == class_index[cls]
+        kind = "background"
+        if same.any():
+            j = int(np.flatnonzero(same)[np.argmax(ious[same])])
+            if ious[j] > iou_threshold:
+                if difficult[j]:
+                    counts["ignored"] += 1
+                    continue
+                if not taken[image_id][j]:
+                    taken[image_id][j] = True
+                    counts["correct"] += 1
+                    continue
+                counts["duplicate"] += 1
+                continue
+        best_same = float(ious[same].max()) if same.any() else 0.0
+        best_other = float(ious[~same].max()) if (~same).any() else 0.0
+        if best_other > iou_threshold:
+            kind = "confusion"
+        elif best_same >= background_iou:
+            kind = "localisation"
+        elif best_other >= background_iou:
+            kind = "confusion"
+        counts[kind] += 1
+    for image_id, (boxes, labels, difficult) in images.items():
+        for j in np.flatnonzero(~difficult & ~taken[image_id]):
+            per_class[class_names[int(labels[j])]]["missed"] += 1
+    totals = {k: int(sum(c[k] for c in per_class.values())) for k in keys}
+    return {**totals, "score_thresh": float(score_thresh), "iou_threshold": float(iou_threshold),
+            "per_class": per_class}
+
+
+def format_error_breakdown(errors: Dict[str, Any]) -> List[str]:
+    """The counts of `count_detection_errors` as a few readable lines."""
+    n = max(errors["detections"], 1)
+    lines = [f"{plural(errors['detections'], 'detection')} with score >= {errors['score_thresh']:g}: "
+             f"{errors['correct']} correct ({100 * errors['correct'] / n:.0f}%), "
+             + ", ".join(f"{errors[k]} {k} ({100 * errors[k] / n:.0f}%)" for k in ERROR_KINDS)]
+    lines.append(f"{plural(errors['objects'], 'object')} (not difficult): {errors['objects'] - errors['missed']} found, "
+                 f"{errors['missed']} missed ({100 * errors['missed'] / max(errors['objects'], 1):.0f}%)")
+    return lines
+
+
 def _class_names_of(dataset: Dataset) -> List[str]:
     if hasattr(dataset, "idx_to_class"):
         return [dataset.idx_to_class[i] for i in sorted(dataset.idx_to_class)]
@@ -2078,10 +2514,13 @@ def collect_predictions(
     num_workers: int = 0,
     max_detections: int = 100,
     amp: bool = False,
-    progress: bool = True,
+    progress: Union[bool, str] = True,
     class_names: Optional[Sequence[str]] = None,
 ) -> Tuple[GroundTruths, Detections]:
     """Run batched inference over every image of `dataset` (evaluation transform).
+
+    `progress`: True: a bar on a terminal, plain lines in a log (`ProgressReporter`);
+    "lines": plain lines always; False / "off": silent.
 
     Returns `(ground_truths, detections)` in the format of `compute_voc_map`, in
     original image pixels when the dataset can map boxes back (VOC2007DetectionTiny),
@@ -2100,7 +2539,9 @@ def collect_predictions(
     detections: Detections = []
     loader = _indexed_loader(dataset, batch_size, num_workers)
     nonfinite_images: List[str] = []
-    for indices, (paths, images, gt_boxes) in tqdm(loader, desc="evaluate", disable=not progress, dynamic_ncols=True):
+    bar = ProgressReporter(len(dataset), "evaluate", count_format="{n}/{total} images", unit="img", noun="image",
+                           mode=_progress_mode(progress))
+    for indices, (paths, images, gt_boxes) in loader:
         images = images.to(device=device, dtype=dtype)
         with _eval_autocast(device, amp):
             outputs = predict_batch(detector, images, score_thresh, nms_thresh)
@@ -2128,6 +2569,8 @@ def collect_predictions(
                 ground_truths[image_id] = [(class_names[int(r[4])], r[:4].tolist(), False) for r in g]
             for box, label, score in zip(boxes.tolist(), labels.tolist(), scores.tolist()):
                 detections.append((image_id, class_names[label], score, box))
+        bar.update(len(indices))
+    bar.close()
     detector.train(was_training)
     if nonfinite_images:
         warnings.warn(f"Dropped NaN / infinite detections (boxes or scores) in {len(nonfinite_images)} images: "
@@ -2150,9 +2593,10 @@ def evaluate_detector(
     max_detections: int = 100,
     coco: bool = True,
     amp: bool = False,
-    progress: bool = True,
+    progress: Union[bool, str] = True,
     return_curves: bool = False,
     exact_tenths: bool = False,
+    error_score_thresh: Optional[float] = None,
 ) -> Dict[str, Any]:
     """Honest evaluation: batched inference over every image, VOC mAP + COCO cross-check.
 
@@ -2161,17 +2605,37 @@ def evaluate_detector(
     ones ignored, per the devkit). Low `score_thresh` (0.05) and up to `max_detections`
     per image, as usual for mAP.
 
-    Returns: {"mAP", "per_class" (as `compute_voc_map`), "coco_mAP" (AP@[.5:.95]),
-        "coco_AP50", "coco_AP75" (pycocotools; NaN when coco=False), "num_images",
-        "num_detections", "seconds"} (+ "curves" when return_curves).
+    Returns: {"mAP", "per_class" (as `compute_voc_map`, with the metric that
+        `use_07_metric` chooses), "ap_metric" (its name), "mAP_all_point" and
+        "mAP_11_point" (both metrics, from the same detections), "coco_mAP"
+        (AP@[.5:.95]), "coco_AP50", "coco_AP75" (pycocotools; NaN when coco=False),
+        "num_images", "num_detections", "seconds"} (+ "curves" when return_curves, and
+        "errors": `count_detection_errors` of the detections scoring at least
+        `error_score_thresh`, when it is given).
     """
     start = time.time()
     ground_truths, detections = collect_predictions(
         detector, dataset, batch_size, score_thresh, nms_thresh, device, dtype, num_workers, max_detections, amp, progress
     )
     class_names = _class_names_of(_unwrap_subset(dataset)[0])
-    result = compute_voc_map(ground_truths, detections, class_names, iou_threshold, use_07_metric, return_curves,
+    result = compute_voc_map(ground_truths, detections, class_names, iou_threshold, use_07_metric, return_curves=True,
                              exact_tenths=exact_tenths)
+    # The other metric from the same precision/recall curves (no second matching pass).
+    other = {}
+    for cls, ap in result["per_class"].items():
+        curve = result["curves"][cls]
+        other[cls] = ap if math.isnan(ap) else voc_ap(np.asarray(curve["recall"]), np.asarray(curve["precision"]),
+                                                      not use_07_metric, exact_tenths=exact_tenths)
+    valid = [ap for ap in other.values() if not math.isnan(ap)]
+    other_map = float(np.mean(valid)) if valid else float("nan")
+    result["ap_metric"] = AP_METRIC_NAMES[bool(use_07_metric)]
+    result["mAP_11_point"] = result["mAP"] if use_07_metric else other_map
+    result["mAP_all_point"] = other_map if use_07_metric else result["mAP"]
+    if not return_curves:
+        del result["curves"]
+    if error_score_thresh is not None:
+        result["errors"] = count_detection_errors(ground_truths, detections, class_names, iou_threshold,
+                                                  error_score_thresh)
     nan = float("nan")
     cm = compute_coco_map(ground_truths, detections, class_names) if coco else {"mAP": nan, "AP50": nan, "AP75": nan}
     result.update({"coco_mAP": cm["mAP"], "coco_AP50": cm["AP50"], "coco_AP75": cm["AP75"],
@@ -2331,6 +2795,90 @@ def unnormalize_image(image: torch.Tensor) -> torch.Tensor:
     return (image * std + mean).clamp(0, 1)
 
 
+def class_color(class_index: int) -> Tuple[float, float, float]:
+    """A colour per class: matplotlib's tab20 with its light and dark halves interleaved, so
+    that neighbouring class indices get different hues (20 colours, then they repeat)."""
+    import matplotlib
+
+    order = list(range(0, 20, 2)) + list(range(1, 20, 2))
+    return tuple(matplotlib.colormaps["tab20"](order[int(class_index) % 20])[:3])
+
+
+def _text_color_on(rgb: Sequence[float]) -> str:
+    luminance = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+    return "black" if luminance > 0.45 else "white"
+
+
+def _figure_renderer(fig):
+    try:
+        return fig.canvas.get_renderer()
+    except AttributeError:  # a canvas without one (vector backends)
+        return fig._get_renderer()
+
+
+def _overlap_area(a: Sequence[float], b: Sequence[float]) -> float:
+    """Overlap of two rectangles (x0, y0, x1, y1)."""
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+def _label_candidates(box: Sequence[float], w: float, h: float, steps: int = 6):
+    """Where a label of size (w, h) may go around a box (x0, y0, x1, y1), best first. All
+    coordinates are display pixels (y up): above the box's top-left corner, inside it,
+    below the box, the right-hand corners, then stacked further above / inside / below."""
+    x0, yb, x1, yt = box
+    lefts, rights = (x0, x0 + w), (x1 - w, x1)
+    for k in range(steps):
+        for xs in (lefts, rights):
+            yield (xs[0], yt + k * h, xs[1], yt + (k + 1) * h)  # above the top edge, then higher
+            yield (xs[0], yt - (k + 1) * h, xs[1], yt - k * h)  # inside from the top edge, then lower
+            yield (xs[0], yb - (k + 1) * h, xs[1], yb - k * h)  # below the bottom edge, then lower
+            yield (xs[0], yb + k * h, xs[1], yb + (k + 1) * h)  # inside from the bottom edge, then higher
+
+
+def _place_labels(ax, labels: List[Tuple[Sequence[float], str, Sequence[float]]], fontsize: float = 9,
+                  pad: float = 1.5) -> List[Optional[Tuple[float, float, float, float]]]:
+    """Put each label (box in data coordinates, text, colour) next to its box where it
+    overlaps no earlier label and stays on the image; a label with no such place is left
+    out (its box stays, in its class colour). Returns each label's rectangle in display
+    pixels, or None for those left out."""
+    fig = ax.figure
+    ax.apply_aspect()  # the axes take their final place, so data -> pixel is fixed now
+    renderer = _figure_renderer(fig)
+    to_px, to_data = ax.transData, ax.transData.inverted()
+    frame = ax.get_window_extent(renderer)
+    frame = (frame.x0, frame.y0, frame.x1, frame.y1)
+    pad_px = pad * fig.dpi / 72.0
+    gap = 1.0  # pixels kept free between labels
+    placed: List[Tuple[float, float, float, float]] = []
+    result: List[Optional[Tuple[float, float, float, float]]] = []
+    for box, text, color in labels:
+        artist = ax.text(0, 0, text, size=fontsize, family="sans-serif", color=_text_color_on(color),
+                         ha="left", va="bottom", clip_on=False,
+                         bbox={"facecolor": color, "alpha": 0.85, "pad": pad, "edgecolor": "none"})
+        extent = artist.get_window_extent(renderer)
+        w, h = extent.width + 2 * pad_px + gap, extent.height + 2 * pad_px + gap
+        (px0, py0), (px1, py1) = to_px.transform([(box[0], box[1]), (box[2], box[3])])
+        box_px = (min(px0, px1), min(py0, py1), max(px0, px1), max(py0, py1))
+        best = None
+        for cand in _label_candidates(box_px, w, h):
+            # Slide sideways onto the image when a corner position sticks out.
+            dx = max(frame[0] - cand[0], 0.0) - max(cand[2] - frame[2], 0.0)
+            cand = (cand[0] + dx, cand[1], cand[2] + dx, cand[3])
+            if cand[1] < frame[1] - 0.5 or cand[3] > frame[3] + 0.5:
+                continue
+            if all(_overlap_area(cand, other) <= 0.0 for other in placed):
+                best = cand
+                break
+        if best is None:
+            artist.remove()
+            result.append(None)
+            continue
+        placed.append(best)
+        artist.set_position(to_data.transform((best[0] + pad_px + gap / 2, best[1] + pad_px + gap / 2)))
+        result.append(best)
+    return result
+
+
 def detection_visualizer(
     img: Union[torch.Tensor, np.ndarray, Image.Image],
     idx_to_class: Dict[int, str],
@@ -2338,8 +2886,15 @@ def detection_visualizer(
     pred: Optional[Union[torch.Tensor, np.ndarray, list]] = None,
     points: Optional[Union[torch.Tensor, np.ndarray, list]] = None,
     save_path: Optional[PathLike] = None,
+    *,
+    score_thresh: Optional[float] = None,
+    max_boxes: Optional[int] = None,
+    title: Optional[str] = None,
 ) -> Optional[Path]:
-    """Draw an image with ground-truth boxes (red), predictions (green) and points.
+    """Draw an image with ground-truth boxes (dashed), predictions (solid) and points.
+
+    Every class has its own colour (`class_color`); labels sit on a background of that
+    colour, next to their box, and never on top of one another (`draw_detections`).
 
     Args:
         img: `(3, H, W)` tensor with values in [0, 1], or an `(H, W, 3)` uint8 array /
@@ -2348,10 +2903,23 @@ def detection_visualizer(
         pred: `(M, 4, 5 or 6)` predictions `x1, y1, x2, y2[, class[, score]]`.
         points: `(P, 2)` `(x, y)` points (e.g. FPN locations), drawn in yellow.
         save_path: write a PNG instead of showing it.
+        score_thresh: draw only predictions with at least this score.
+        max_boxes: draw only the `max_boxes` highest-scoring predictions.
+        title: a title above the image.
     """
     plt = _pyplot()
-    fig, ax = plt.subplots(frameon=False)
-    draw_detections(ax, img, idx_to_class, bbox=bbox, pred=pred, points=points)
+    height, width = np.asarray(img).shape[:2] if not isinstance(img, torch.Tensor) else img.shape[-2:]
+    # About one figure pixel per image pixel (at 100 dpi), within 4 to 10 inches: labels in
+    # points then keep the same size relative to the image, whatever its resolution.
+    scale = min(max(max(width, height) / 100.0, 4.0), 10.0) / max(width, height)
+    fig_w, img_h = width * scale, height * scale
+    title_h = 0.3 if title else 0.0
+    fig = plt.figure(figsize=(fig_w, img_h + title_h), frameon=False)
+    ax = fig.add_axes((0.0, 0.0, 1.0, img_h / (img_h + title_h)))  # the image fills the figure
+    draw_detections(ax, img, idx_to_class, bbox=bbox, pred=pred, points=points, score_thresh=score_thresh,
+                    max_boxes=max_boxes)
+    if title:
+        ax.set_title(title, fontsize=10)
     return _finish_figure(fig, save_path, "detections")
 
 
@@ -2362,10 +2930,23 @@ def draw_detections(
     bbox: Optional[Union[torch.Tensor, np.ndarray, list]] = None,
     pred: Optional[Union[torch.Tensor, np.ndarray, list]] = None,
     points: Optional[Union[torch.Tensor, np.ndarray, list]] = None,
-) -> None:
+    *,
+    score_thresh: Optional[float] = None,
+    max_boxes: Optional[int] = None,
+    fontsize: float = 9,
+) -> Dict[str, Any]:
     """Draw what `detection_visualizer` shows onto a matplotlib axis (for grids).
 
-    Ground-truth rows whose class is -1 (the padding of `(40, 5)` targets) are skipped.
+    Boxes take their class's colour (`class_color`): ground truth dashed, predictions
+    solid. Predictions are drawn by decreasing score, after filtering by `score_thresh`
+    and keeping the `max_boxes` best. Labels ("dog 0.87" for a prediction; "dog", or
+    "gt dog" next to predictions, for ground truth) get a background in the box colour
+    and are placed by `_place_labels`: above or inside the box, or shifted, so that no
+    two labels overlap; a label that finds no free place is left out. Ground-truth rows
+    whose class is -1 (the padding of `(40, 5)` targets) are skipped.
+
+    Returns: {"drawn": predictions drawn, "hidden": predictions filtered out,
+        "labels": label rectangles in display pixels (None for labels left out)}.
     """
     from matplotlib.patches import Rectangle
 
@@ -2383,17 +2964,32 @@ def draw_detections(
         pts = rows(points)
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="yellow", s=24)
     gt_rows = [b for b in rows(bbox) if len(b) <= 4 or b[4] >= 0]
-    for color, boxes, is_pred in (((1.0, 0.0, 0.0), gt_rows, False), ((0.0, 0.8, 0.2), rows(pred), True)):
+    pred_rows = rows(pred)
+    total = len(pred_rows)
+    if pred_rows and len(pred_rows[0]) > 5:
+        pred_rows.sort(key=lambda b: -b[5])
+        if score_thresh is not None:
+            pred_rows = [b for b in pred_rows if b[5] >= score_thresh]
+    if max_boxes is not None:
+        pred_rows = pred_rows[: max(int(max_boxes), 0)]
+    labels: List[Tuple[Sequence[float], str, Sequence[float]]] = []
+    neutral = (0.9, 0.1, 0.1)  # boxes without a class
+    for is_pred, boxes in ((True, pred_rows), (False, gt_rows)):
         for b in boxes:
             x0, y0, x1, y1 = b[:4]
-            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=color, linewidth=3))
-            if len(b) > 4 and b[4] >= 0:
+            has_class = len(b) > 4 and b[4] >= 0
+            color = class_color(int(b[4])) if has_class else neutral
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=color,
+                                   linewidth=2.5 if is_pred else 2, linestyle="-" if is_pred else (0, (4, 2))))
+            if has_class:
                 text = idx_to_class.get(int(b[4]), str(int(b[4])))
                 if is_pred and len(b) > 5:
-                    text += f", {b[5]:.2f}"
-                ax.text(x0, y0, text, size=9, family="sans-serif",
-                        bbox={"facecolor": color, "alpha": 0.6, "pad": 1, "edgecolor": "none"},
-                        verticalalignment="top", color="white")
+                    text += f" {b[5]:.2f}"
+                elif not is_pred and pred_rows:
+                    text = "gt " + text
+                labels.append(((x0, y0, x1, y1), text, color))
+    rects = _place_labels(ax, labels, fontsize=fontsize) if labels else []
+    return {"drawn": len(pred_rows), "hidden": total - len(pred_rows), "labels": rects}
 
 
 def show_dataset_grid(
@@ -2486,13 +3082,82 @@ def plot_pr_curves(curves: Dict[str, Dict[str, list]], save_path: Optional[PathL
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.05)
         ax.grid(alpha=0.3)
+    # Ticks at 0, 0.5 and 1 only, the outer labels pulled inwards: neighbouring panels'
+    # "1.0" and "0.0" would otherwise run into each other ("1.00.0").
+    for ax in axes.ravel()[: len(names)]:
+        ax.set_xticks([0, 0.5, 1], ["0", "0.5", "1"])
+        ax.set_yticks([0, 0.5, 1], ["0", "0.5", "1"])
+        ax.tick_params(labelsize=8)
+        xlabels, ylabels = ax.get_xticklabels(), ax.get_yticklabels()  # the visible ones
+        if len(xlabels) == 3:
+            xlabels[0].set_horizontalalignment("left")
+            xlabels[-1].set_horizontalalignment("right")
+        if len(ylabels) == 3:
+            ylabels[0].set_verticalalignment("bottom")
+            ylabels[-1].set_verticalalignment("top")
     for ax in axes.ravel()[len(names):]:
         ax.axis("off")
     fig.supxlabel("recall")
     fig.supylabel("precision")
     # Fixed margins: tight_layout on 20 panels costs seconds.
-    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.08, top=0.94, wspace=0.1, hspace=0.35)
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.08, top=0.94, wspace=0.12, hspace=0.35)
     return _finish_figure(fig, save_path, "pr_curves", tight=False)
+
+
+def plot_error_breakdown(errors: Dict[str, Any], save_path: Optional[PathLike] = None,
+                         title: Optional[str] = None) -> Optional[Path]:
+    """Bar charts of `count_detection_errors`: what the counted detections were (correct or
+    which kind of false positive) and how many objects were missed, overall (left) and
+    per class (right, errors stacked, classes with most errors on top).
+
+    `errors` is what `count_detection_errors` returns, or the result of
+    `evaluate_detector(..., error_score_thresh=0.3)` (its "errors" entry is used)."""
+    if isinstance(errors.get("errors"), dict):
+        errors = errors["errors"]
+    plt = _pyplot()
+    kinds = ("correct",) + ERROR_KINDS + ("missed",)
+    colors = {"correct": "tab:green", "localisation": "tab:orange", "confusion": "tab:purple",
+              "duplicate": "tab:olive", "background": "tab:red", "missed": "tab:gray"}
+    per_class = errors.get("per_class") or {}
+    classes = sorted(per_class, key=lambda c: sum(per_class[c][k] for k in kinds[1:]))
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 0.28 * max(len(classes), 8) + 1.6),
+                                   gridspec_kw={"width_ratios": [1, 1.3]})
+    counts = [errors[k] for k in kinds]
+    y = np.arange(len(kinds))[::-1]
+    ax0.barh(y, counts, color=[colors[k] for k in kinds])
+    ax0.set_yticks(y, [k if k != "missed" else "missed objects" for k in kinds])
+    n_det, n_obj = max(errors["detections"], 1), max(errors["objects"], 1)
+    top = max(counts + [1])
+    for yi, k, c in zip(y, kinds, counts):
+        ax0.text(c + 0.01 * top, yi, f"{c} ({100 * c / (n_obj if k == 'missed' else n_det):.0f}%)", va="center",
+                 fontsize=8)
+    ax0.set_xlim(0, top * 1.3)
+    ax0.set_xlabel("count (%: of the detections; for missed objects, of the objects)", fontsize=9)
+    ax0.set_title(f"{plural(errors['detections'], 'detection')} with score >= {errors['score_thresh']:g}, "
+                  f"{plural(errors['objects'], 'object')}", fontsize=10)
+    ax0.grid(axis="x", alpha=0.3)
+    left = np.zeros(len(classes))
+    for k in kinds[1:]:
+        values = np.asarray([per_class[c][k] for c in classes], dtype=float)
+        ax1.barh(np.arange(len(classes)), values, left=left, color=colors[k], label=k)
+        left += values
+    ax1.set_yticks(np.arange(len(classes)), classes)
+    ax1.tick_params(axis="y", labelsize=8)
+    ax1.set_xlabel("errors (count)")
+    ax1.set_title("errors per class", fontsize=10)
+    ax1.legend(fontsize=8, loc="lower right")
+    ax1.grid(axis="x", alpha=0.3)
+    for ax in (ax0, ax1):
+        ax.xaxis.set_major_locator(_max_ticks(5))
+    fig.suptitle(title or f"Where the errors are (AP{100 * errors['iou_threshold']:.0f} matching)", fontsize=11)
+    fig.tight_layout()
+    return _finish_figure(fig, save_path, "error_breakdown")
+
+
+def _max_ticks(n: int):
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(nbins=n, integer=True, min_n_ticks=2)
 
 
 # ======================================================================================
@@ -2597,13 +3262,207 @@ def _setup_torch_home() -> None:
 def _write_eval_outputs(metrics: Dict[str, Any], out: Path, history: Optional[Dict[str, list]] = None) -> None:
     if history and history.get("total_loss"):
         plot_loss_history(history, save_path=out / "loss_curve.png")
-    plot_per_class_ap(metrics["per_class"], save_path=out / "per_class_ap.png")
+    metric = metrics.get("ap_metric", AP_METRIC_NAMES[False])
+    plot_per_class_ap(metrics["per_class"], save_path=out / "per_class_ap.png", title=f"AP@0.5 per class, {metric}")
     if "curves" in metrics:
         plot_pr_curves(metrics["curves"], save_path=out / "pr_curves.png", per_class_ap=metrics["per_class"])
+    if metrics.get("errors"):
+        plot_error_breakdown(metrics["errors"], save_path=out / "error_breakdown.png")
+
+
+def _example_image(dataset: Dataset) -> Optional[str]:
+    """An image file of `dataset` for the example `predict` command."""
+    try:
+        base, indices = _unwrap_subset(dataset)
+        return str(base.instances[indices[0]][0]) if indices else None
+    except (AttributeError, IndexError, TypeError):
+        return None
 
 
 def _metrics_for_json(metrics: Dict[str, Any]) -> Dict[str, Any]:
     return _json_safe({k: v for k, v in metrics.items() if k != "curves"})
+
+
+# ======================================================================================
+# Command line: what a run says before it starts and after it ends
+# ======================================================================================
+
+DETECTOR_NAMES = {"fcos": "FCOS", "faster_rcnn": "Faster R-CNN"}
+# `predict` draws at most this many detections per picture (the best-scoring ones);
+# predictions.json lists all of them.
+PREDICT_MAX_DRAWN = 20
+# Detections at least this confident are those the error breakdown counts (and the
+# default `predict --score-thresh`): a low-scoring box is not a mistake anybody sees.
+ERROR_SCORE_THRESH = 0.3
+# summary.txt reports the training loss as the mean over this many last iterations.
+FINAL_LOSS_WINDOW = 100
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """`--help` that states a default once: "(default: X)" is added only where the help
+    text does not already talk about its default, the option is not required, and the
+    default says something (not None or False). Descriptions and epilogs keep their
+    line breaks (the examples)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text.lower()
+            or action.required
+            or default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or not action.option_strings
+        ):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _feature_cache_bytes(detector: nn.Module, image_size: int, items: int) -> Optional[int]:
+    """Bytes an fp16 feature cache of `items` images takes (one small forward pass to learn
+    the feature shapes), or None when the backbone cannot tell."""
+    try:
+        backbone = _backbone_of(detector)
+        was_training = backbone.training
+        backbone.eval()
+        with torch.no_grad():
+            feats = backbone.extract_features(torch.zeros(1, 3, image_size, image_size))
+        backbone.train(was_training)
+        per_item = sum(int(feats[k][0].numel()) for k in FEATURE_LEVELS) * 2 + 40 * 5 * 4
+        return items * per_item
+    except Exception:  # only an estimate for the start-up message
+        return None
+
+
+def _precision_text(amp: bool, device: torch.device) -> str:
+    if amp:
+        dtype = str(autocast_dtype(device)).replace("torch.", "")
+        return f"{dtype} autocast, losses in float32 (--no-amp: all float32)"
+    if device.type == "cuda":
+        return "float32 (--amp: float16 autocast, faster)"
+    if cpu_has_fast_bfloat16():
+        return "float32 (--amp: bfloat16 autocast, about 1.8x faster on this CPU)"
+    return "float32 (this CPU has no hardware bfloat16, where --amp would be slow)"
+
+
+def _train_plan(args: argparse.Namespace, config: Dict[str, Any], device: torch.device, detector: nn.Module,
+                train_set: Dataset, val_set: Dataset, out: Path) -> List[str]:
+    """The start-up summary of `train`: what will run, where, and what it writes."""
+    kw = config.get("kwargs", {})
+    name = DETECTOR_NAMES.get(config["detector"], config["detector"])
+    weights = "ImageNet weights" if kw.get("pretrained", True) else "random weights"
+    mode = "frozen" if kw.get("freeze_backbone") else "trained end to end"
+    threads = f", {plural(torch.get_num_threads(), 'thread')}" if device.type == "cpu" else ""
+    image_size = config.get("image_size", args.image_size)
+    lines = [f"Training {name} (backbone {kw.get('backbone')}, {weights}, {mode}) on {device}{threads}."]
+    rows = [("precision", _precision_text(bool(args.amp), device)),
+            ("data", f"{plural(len(train_set), 'train image')}, {plural(len(val_set), 'val image')} from "
+                     f"{args.data_dir}, resized to {image_size} px")]
+    if args.cache_features:
+        variants = [v.strip() for v in args.cache_variants.split(",") if v.strip()]
+        items = len(train_set) * len(variants)
+        size = _feature_cache_bytes(detector, image_size, items)
+        size_text = f"about {format_bytes(size)}" if size else "size unknown"
+        what = (f"the frozen backbone's features of {plural(len(train_set), 'image')} x "
+                f"{plural(len(variants), 'variant')} ({', '.join(variants)})")
+        if args.cache_dir is None:
+            where = (f"computed once, before training, and kept in memory ({size_text}); "
+                     "--cache-dir DIR keeps them on disk for later runs")
+        elif (Path(args.cache_dir) / "meta.json").is_file():
+            where = (f"reused from {args.cache_dir} if it matches this backbone and image list, "
+                     f"else computed once again ({size_text})")
+        else:
+            where = f"computed once into {args.cache_dir} ({size_text}); later runs with it reuse them"
+        rows.append(("features", f"{what}: {where}"))
+    else:
+        rows.append(("features", "the backbone runs on every batch (no feature cache)"))
+    warmup = args.warmup_iters if args.warmup_iters is not None else min(500, args.iters // 10)
+    resume = ""
+    if args.resume and (out / "last.pt").is_file():
+        resume = f"; continues from {out / 'last.pt'}"
+    rows.append(("training", f"{plural(args.iters, 'iteration')}, batch {args.batch_size}, lr {args.lr:g} "
+                             f"({warmup} warm-up, {args.lr_schedule} decay), checkpoint every "
+                             f"{plural(args.checkpoint_period, 'iteration')}{resume}"))
+    rows.append(("evaluation", f"then on {plural(len(val_set), 'val image')}: VOC AP@0.5 (all-point and "
+                               "11-point), COCO mAP, error breakdown"))
+    rows.append(("output", f"{out}/ (checkpoints, metrics.json, summary.txt, plots)"))
+    return lines + [f"  {key:<11} {value}" for key, value in rows]
+
+
+def _final_loss(history: Dict[str, list]) -> Tuple[Optional[float], int]:
+    """Mean of the last FINAL_LOSS_WINDOW logged total losses (one batch is noisy)."""
+    losses = history.get("total_loss") or []
+    window = min(FINAL_LOSS_WINDOW, len(losses))
+    return (float(np.mean(losses[-window:])) if window else None), window
+
+
+def _pct(value: Optional[float]) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{100 * value:.1f}%"
+
+
+def _metric_lines(metrics: Dict[str, Any], split: str) -> List[str]:
+    """The evaluation's headline numbers, both AP metrics named."""
+    lines = [f"  {split} images  {metrics['num_images']}, {plural(metrics['num_detections'], 'detection')} kept for AP",
+             f"  mAP@0.5     {_pct(metrics.get('mAP_all_point', metrics['mAP']))} all-point (VOC2010+), "
+             f"{_pct(metrics.get('mAP_11_point'))} 11-point (VOC2007)",
+             f"  COCO        mAP@[.5:.95] {_pct(metrics['coco_mAP'])}, AP50 {_pct(metrics['coco_AP50'])}"]
+    if metrics.get("errors"):
+        first, second = format_error_breakdown(metrics["errors"])
+        lines += [f"  errors      {first}", f"              {second}"]
+    return lines
+
+
+def _next_commands(out: Path, args: argparse.Namespace, example_image: Optional[str]) -> List[str]:
+    import shlex
+
+    ckpt = shlex.quote(str(out / "model_final.pt"))
+    data = "" if args.data_dir == str(default_data_dir()) else f" --data-dir {shlex.quote(str(args.data_dir))}"
+    image = shlex.quote(example_image) if example_image else "IMAGE.jpg"
+    return [f"  python a5_helper.py eval --checkpoint {ckpt}{data} --out {shlex.quote(str(out / 'eval_val'))}",
+            f"  python a5_helper.py predict --checkpoint {ckpt} {image} --out {shlex.quote(str(out / 'predictions'))}"]
+
+
+def _written_files(out: Path, names: Sequence[str]) -> List[str]:
+    about = {
+        "model_final.pt": "the trained model, for eval and predict",
+        "last.pt": "the last checkpoint (train --resume continues from it)",
+        "metrics.json": "every number of this run, per class too",
+        "summary.txt": "this summary",
+        "loss_curve.png": "training loss",
+        "per_class_ap.png": "AP per class",
+        "pr_curves.png": "precision-recall curve per class",
+        "error_breakdown.png": "false positives by kind, missed objects",
+    }
+    return [f"  {name:<20} {about.get(name, '')}".rstrip() for name in names if (out / name).is_file()]
+
+
+def _train_report(args: argparse.Namespace, config: Dict[str, Any], device: torch.device, out: Path,
+                  metrics: Dict[str, Any], history: Dict[str, list], seconds: Dict[str, float],
+                  example_image: Optional[str]) -> List[str]:
+    """The end summary of `train` (also summary.txt): results, files written, what next."""
+    kw = config.get("kwargs", {})
+    name = DETECTOR_NAMES.get(config["detector"], config["detector"])
+    loss, window = _final_loss(history)
+    last = history["total_loss"][-1] if history.get("total_loss") else None
+    loss_text = (f"{loss:.3g} (mean of the last {plural(window, 'iteration')}; the last batch: {last:.3g})"
+                 if loss is not None else "n/a (no iterations ran)")
+    features = f", cached features ({args.cache_variants})" if args.cache_features else ""
+    lines = [f"Run summary ({out})",
+             f"  detector    {name}, backbone {kw.get('backbone')} "
+             f"({'frozen' if kw.get('freeze_backbone') else 'trained'}){features}",
+             f"  training    {plural(len(history.get('total_loss') or []), 'iteration')}, batch {args.batch_size}, "
+             f"image size {config.get('image_size', args.image_size)}, lr {args.lr:g} ({args.lr_schedule}), "
+             f"{_precision_text(bool(args.amp), device).split(' (')[0]}, on {device}",
+             f"  final loss  {loss_text}",
+             f"  time        cache {format_duration(seconds['cache'])}, training {format_duration(seconds['train'])}, "
+             f"evaluation {format_duration(seconds['eval'])}; total {format_duration(seconds['total'])}"]
+    lines += _metric_lines(metrics, "val")
+    files = ["model_final.pt", "last.pt", "metrics.json", "summary.txt", "loss_curve.png", "per_class_ap.png",
+             "pr_curves.png", "error_breakdown.png"]
+    lines += [f"Files in {out}:"] + _written_files(out, files)
+    lines += ["Next:"] + _next_commands(out, args, example_image)
+    return lines
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -2675,7 +3534,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
             if changed and rank == 0:
                 print("--allow-changed-settings: continuing the stored model "
                       f"({config['detector']}, {config['kwargs'].get('backbone')}) with: " + "; ".join(changed))
-    detector = build_detector(config)
+    try:
+        detector = build_detector(config)
+    except (RuntimeError, ValueError) as err:
+        raise _with_flags(err) from err
     if rank == 0:
         run_record = {"config": config, "command": sys.argv, "resumed": bool(args.resume and resume_ckpt.is_file()),
                       "changed_settings": changed}
@@ -2684,6 +3546,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     train_set = VOC2007DetectionTiny(args.data_dir, "train", download=args.download, image_size=args.image_size)
     train_set = _first_n(train_set, args.max_train_images)
     val_set = _first_n(VOC2007DetectionTiny(args.data_dir, "val", image_size=args.image_size), args.max_val_images)
+    progress = "off" if rank != 0 else ("lines" if args.no_progress else "auto")
+    if rank == 0:
+        print("\n".join(_train_plan(args, config, device, detector, train_set, val_set, out)), flush=True)
 
     start = time.time()
     cache_seconds = 0.0
@@ -2693,7 +3558,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if world > 1 and rank != 0 and cache_dir is not None:
             dist.barrier()  # rank 0 builds the on-disk cache first, then the others load it
         cache = build_feature_cache(detector, train_set, variants, cache_dir=cache_dir, batch_size=args.batch_size,
-                                    device=device, num_workers=args.num_workers, progress=not args.no_progress and rank == 0)
+                                    device=device, num_workers=args.num_workers, progress=progress)
         if world > 1 and rank == 0 and cache_dir is not None:
             dist.barrier()
         cache_seconds = time.time() - start
@@ -2707,7 +3572,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         log_period=args.log_period, device=device, lr_schedule=args.lr_schedule, warmup_iters=args.warmup_iters,
         grad_clip=args.grad_clip if args.grad_clip > 0 else None, checkpoint_dir=out,
         checkpoint_period=args.checkpoint_period, resume=args.resume, seed=args.seed,
-        progress=not args.no_progress, model_config=config, amp=args.amp,
+        progress=progress, model_config=config, amp=args.amp,
         keep_checkpoints=args.keep_checkpoints, skip_nonfinite=args.skip_nonfinite,
         trust_checkpoint=args.trust_checkpoint,
     )
@@ -2719,34 +3584,32 @@ def _cmd_train(args: argparse.Namespace) -> int:
                     out / "model_final.pt")
     metrics = evaluate_detector(detector, val_set, batch_size=args.eval_batch_size or args.batch_size,
                                 score_thresh=args.score_thresh, nms_thresh=args.nms_thresh, device=device,
-                                num_workers=args.num_workers, progress=not args.no_progress, return_curves=True)
+                                num_workers=args.num_workers, progress=progress, return_curves=True,
+                                error_score_thresh=ERROR_SCORE_THRESH)
     _write_eval_outputs(metrics, out, history)
     total_seconds = time.time() - start
+    final_loss, window = _final_loss(history)
     summary = {
         "config": config, "args": {k: v for k, v in vars(args).items() if k != "func"},
         "val": _metrics_for_json(metrics),
         "train": {"iterations": len(history["total_loss"]),
                   "final_loss": history["total_loss"][-1] if history["total_loss"] else None,
+                  "final_loss_mean": final_loss, "final_loss_window": window,
                   "cache_seconds": cache_seconds, "train_seconds": train_seconds,
-                  "total_seconds": total_seconds, "device": str(device), "world_size": world},
+                  "eval_seconds": metrics["seconds"], "total_seconds": total_seconds, "device": str(device),
+                  "world_size": world},
     }
     (out / "metrics.json").write_text(json.dumps(_json_safe(summary), indent=2))
-    lines = [
-        f"detector: {config['detector']} ({config['kwargs'].get('backbone')}, frozen={config['kwargs'].get('freeze_backbone')}, "
-        f"cached features={args.cache_features})",
-        f"iterations: {args.iters}, batch size {args.batch_size}, image size {args.image_size}, lr {args.lr}",
-        f"time: cache {cache_seconds:.0f}s, train {train_seconds:.0f}s, total {total_seconds:.0f}s on {device}",
-        f"final training loss: {summary['train']['final_loss']}",
-        f"val images: {metrics['num_images']}, detections: {metrics['num_detections']}",
-        f"val mAP@0.5 (VOC, all-point): {metrics['mAP']:.4f}",
-        f"val COCO mAP@[.5:.95]: {metrics['coco_mAP']:.4f} (AP50 {metrics['coco_AP50']:.4f})",
-    ]
+    (out / "summary.txt").touch()  # listed among the files written
+    seconds = {"cache": cache_seconds, "train": train_seconds, "eval": metrics["seconds"], "total": total_seconds}
+    example = _example_image(val_set)
+    lines = _train_report(args, config, device, out, metrics, history, seconds, example)
     if changed:
         lines.insert(1, "resumed with changed settings (--allow-changed-settings): " + "; ".join(changed))
     if history.get("skipped"):
         lines.insert(1, f"skipped non-finite batches at iterations {[s['iteration'] for s in history['skipped']]}")
     (out / "summary.txt").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[-3:]))
+    print("\n".join(lines))
     print(f"final val mAP: {metrics['mAP']:.4f}")
     if world > 1:
         dist.barrier()
@@ -2773,20 +3636,28 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     detector, config = load_detector(args.checkpoint, device, trusted=args.trust_checkpoint)
     dataset = VOC2007DetectionTiny(args.data_dir, args.split, image_size=config.get("image_size", 224), augment=False)
     dataset = _first_n(dataset, args.max_val_images)
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval_{args.split}"
+    metric = AP_METRIC_NAMES[bool(args.use_07_metric)]
+    print(f"Evaluating {args.checkpoint} ({DETECTOR_NAMES.get(config['detector'], config['detector'])}) on "
+          f"{plural(len(dataset), args.split + ' image')} from {args.data_dir}, on {device}; AP@0.5 {metric}.",
+          flush=True)
     metrics = evaluate_detector(detector, dataset, batch_size=args.batch_size, score_thresh=args.score_thresh,
                                 nms_thresh=args.nms_thresh, device=device, num_workers=args.num_workers,
                                 use_07_metric=args.use_07_metric, exact_tenths=args.exact_tenths,
-                                progress=not args.no_progress,
-                                return_curves=args.out is not None)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        _write_eval_outputs(metrics, out)
-        (out / "metrics.json").write_text(json.dumps(_metrics_for_json(metrics), indent=2))
+                                progress="lines" if args.no_progress else "auto",
+                                return_curves=True, error_score_thresh=ERROR_SCORE_THRESH)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_eval_outputs(metrics, out)
+    (out / "metrics.json").write_text(json.dumps(_metrics_for_json(metrics), indent=2))
+    print(f"AP@0.5 per class, {metric}:")
     for cls, ap in metrics["per_class"].items():
-        print(f"  {cls:<12} {ap:.4f}")
-    print(f"COCO mAP@[.5:.95]: {metrics['coco_mAP']:.4f} (AP50 {metrics['coco_AP50']:.4f})")
-    print(f"{args.split} mAP: {metrics['mAP']:.4f}")
+        print(f"  {cls:<12} {'n/a (no such objects in these images)' if math.isnan(ap) else f'{ap:.3f}'}")
+    print("\n".join(_metric_lines(metrics, args.split)))
+    print(f"Files in {out}:")
+    print("\n".join(_written_files(out, ["metrics.json", "per_class_ap.png", "pr_curves.png", "error_breakdown.png"])))
+    other = "all-point" if args.use_07_metric else "11-point"
+    other_value = metrics["mAP_all_point"] if args.use_07_metric else metrics["mAP_11_point"]
+    print(f"{args.split} mAP: {metrics['mAP']:.4f} (AP@0.5, {metric}; {other}: {other_value:.4f})")
     return 0
 
 
@@ -2798,6 +3669,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     image_size = config.get("image_size", 224)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    print(f"Drawing the detections of {args.checkpoint} with score >= {args.score_thresh:g} "
+          f"(at most the {PREDICT_MAX_DRAWN} best per image) into {out}/", flush=True)
     results: Dict[str, Any] = {}
     skipped: Dict[str, str] = {}
     for path in args.images:
@@ -2816,11 +3689,17 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         labels, scores = pred["labels"][keep].cpu(), pred["scores"][keep].float().cpu()
         rows = torch.cat([boxes, labels[:, None].float(), scores[:, None]], dim=1)
         target = out / f"{Path(path).stem}_pred.png"
-        detection_visualizer(original, idx_to_class, pred=rows, save_path=target)
+        count = len(scores)
+        shown = min(count, PREDICT_MAX_DRAWN)
+        title = f"{Path(path).name}: {plural(count, 'detection')}" + (f", the {shown} best drawn" if shown < count else "")
+        detection_visualizer(original, idx_to_class, pred=rows, save_path=target, max_boxes=PREDICT_MAX_DRAWN,
+                             title=title)
         results[str(path)] = [{"class": class_names[int(c)], "score": float(s), "box": [round(v, 2) for v in b]}
                               for b, c, s in zip(boxes.tolist(), labels.tolist(), scores.tolist())]
-        print(f"{path}: {len(results[str(path)])} detections -> {target}")
+        drawn = f" (the {shown} best drawn)" if shown < count else ""
+        print(f"{path}: {plural(count, 'detection')}{drawn} -> {target}")
     (out / "predictions.json").write_text(json.dumps(results, indent=2))
+    print(f"{out / 'predictions.json'}: every detection with its class, score and box (original pixels)")
     if skipped:
         (out / "skipped.json").write_text(json.dumps(skipped, indent=2))
         print(f"{len(skipped)} of {len(args.images)} images could not be read (listed in {out / 'skipped.json'}); "
@@ -2900,11 +3779,47 @@ def _variants_arg(text: str) -> str:
     return ",".join(names)
 
 
+MAIN_EPILOG = """\
+examples:
+  python a5_helper.py train --detector fcos --out runs/fcos
+  python a5_helper.py eval --checkpoint runs/fcos/model_final.pt
+  python a5_helper.py predict --checkpoint runs/fcos/model_final.pt photo.jpg
+
+'python a5_helper.py COMMAND --help' lists the options of each command."""
+
+TRAIN_EPILOG = """\
+examples:
+  # the CPU recipe (frozen backbone, cached features; README, "Results")
+  python a5_helper.py train --detector fcos --out runs/fcos
+  python a5_helper.py train --detector faster_rcnn --out runs/frcnn --cache-dir runs/cache
+  # a quick check that everything runs (a minute)
+  python a5_helper.py train --iters 20 --max-train-images 64 --max-val-images 64 --out runs/smoke
+  # the course's GPU schedule, end to end
+  python a5_helper.py train --backbone regnet_x_400mf --iters 9000 --lr 8e-3 --lr-schedule step --out runs/fcos_gpu
+  # continue an interrupted run
+  python a5_helper.py train --out runs/fcos --resume
+
+Output goes to --out; when it is not a terminal (a log file), progress is one line every
+10 s ($A5_PROGRESS_SECONDS) with speed and ETA."""
+
+EVAL_EPILOG = """\
+examples:
+  python a5_helper.py eval --checkpoint runs/fcos/model_final.pt
+  python a5_helper.py eval --checkpoint runs/fcos/model_final.pt --use-07-metric --out runs/fcos/eval07
+  python a5_helper.py eval --checkpoint runs/fcos/model_final.pt --max-val-images 200"""
+
+PREDICT_EPILOG = """\
+examples:
+  python a5_helper.py predict --checkpoint runs/fcos/model_final.pt photo.jpg
+  python a5_helper.py predict --checkpoint runs/fcos/model_final.pt *.jpg --score-thresh 0.5 --out runs/pred_05"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="a5_helper.py",
         description="Train, evaluate and run the A5 detectors (FCOS, Faster R-CNN) on PASCAL VOC2007.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
+        epilog=MAIN_EPILOG,
     )
     sub = parser.add_subparsers(dest="command", required=True)
     data_default = str(default_data_dir())
@@ -2918,12 +3833,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="data-loading worker processes")
         p.add_argument("--score-thresh", type=_unit_float, default=0.05, help="score threshold for evaluation detections")
         p.add_argument("--nms-thresh", type=_unit_float, default=0.5, help="NMS IoU threshold at inference")
-        p.add_argument("--no-progress", action="store_true", help="plain log lines instead of progress bars")
+        p.add_argument("--no-progress", action="store_true",
+                       help="progress as a plain line every few seconds instead of a bar (automatic when the "
+                            "output is not a terminal)")
         p.add_argument("--threads", type=_nonnegative_int, default=0,
                        help="torch CPU threads (0: torch's default); 1 is often faster on a busy machine")
 
     t = sub.add_parser("train", help="train a detector, evaluate it on val, write plots and metrics",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       description="Train a detector on VOC2007 train, evaluate it on val, and write checkpoints, "
+                                   "metrics.json, summary.txt and plots to --out.",
+                       formatter_class=HelpFormatter, epilog=TRAIN_EPILOG)
     t.add_argument("--detector", choices=sorted(DETECTOR_BUILDERS), default="fcos", help="which detector to train")
     t.add_argument("--backbone", default="mobilenet_v2",
                    help="torchvision backbone (mobilenet_v2 or regnet_x_400mf); ImageNet weights come from TORCH_HOME")
@@ -2985,13 +3904,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint (VOC mAP + COCO cross-check)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       description="Evaluate a checkpoint: VOC AP@0.5 per class, COCO mAP, an error breakdown "
+                                   "and plots.",
+                       formatter_class=HelpFormatter, epilog=EVAL_EPILOG)
     e.add_argument("--checkpoint", required=True, help="last.pt or model_final.pt written by `train`")
     e.add_argument("--split", default="val", help="dataset split to evaluate")
     e.add_argument("--batch-size", type=_positive_int, default=16, help="images per inference batch")
     e.add_argument("--max-val-images", type=_positive_int, default=None, help="evaluate on the first N images only")
-    e.add_argument("--use-07-metric", action="store_true", help="11-point AP (VOC2007) instead of all-point")
-    e.add_argument("--out", default=None, help="also write metrics.json and plots here")
+    e.add_argument("--use-07-metric", action="store_true",
+                   help="report the 11-point AP (VOC2007) as the mAP instead of the all-point AP (VOC2010+); "
+                        "both are printed")
+    e.add_argument("--out", default=None,
+                   help="folder for metrics.json and the plots (default: eval_SPLIT next to the checkpoint)")
     e.add_argument("--exact-tenths", action="store_true",
                    help="with --use-07-metric: exact recall thresholds 0, 0.1, ..., 1 instead of the devkit's arange")
     e.add_argument("--trust-checkpoint", action="store_true",
@@ -3000,11 +3924,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("predict", help="draw detections on image files",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       description="Draw a checkpoint's detections on image files (one colour per class) and "
+                                   "list them in predictions.json.",
+                       formatter_class=HelpFormatter, epilog=PREDICT_EPILOG)
     p.add_argument("--checkpoint", required=True, help="last.pt or model_final.pt written by `train`")
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--out", default="predictions", help="folder for annotated images and predictions.json")
-    p.add_argument("--score-thresh", type=_unit_float, default=0.3, help="minimum detection score to draw")
+    p.add_argument("--out", default="runs/predictions", help="folder for annotated images and predictions.json")
+    p.add_argument("--score-thresh", type=_unit_float, default=0.3,
+                   help=f"minimum detection score to draw and list; at most the {PREDICT_MAX_DRAWN} best are drawn")
     p.add_argument("--nms-thresh", type=_unit_float, default=0.5, help="NMS IoU threshold")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--threads", type=_nonnegative_int, default=0, help="torch CPU threads (0: torch's default)")
@@ -3018,12 +3945,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
+    cli_before = _CLI_ACTIVE[0]
+    _CLI_ACTIVE[0] = True  # messages name command-line flags
     try:
         return args.func(args)
     except (CheckpointError, FileNotFoundError) as err:  # a bad file: its name, no traceback
         print(f"a5_helper.py {args.command}: error: {err}", file=sys.stderr)
         return 2
     finally:
+        _CLI_ACTIVE[0] = cli_before
         if dist.is_available() and dist.is_initialized() and "TORCHELASTIC_RUN_ID" in os.environ:
             dist.destroy_process_group()
 

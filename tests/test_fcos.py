@@ -503,16 +503,16 @@ def test_candidates_inside_boxes_without_centre_sampling():
 
 @pytest.mark.part("fcos_match_inside")
 def test_candidates_inside_boxes_with_centre_sampling():
-    # Strides differ per location: 8, 8, 16, 16, 4; radius 1.5 -> 12, 12, 24, 24, 6 px.
-    strides = torch.tensor([8.0, 8.0, 16.0, 16.0, 4.0])
+    # Strides differ per location: 8, 8, 16, 16, 16; radius 1.5 -> 12, 12, 24, 24, 24 px.
+    strides = torch.tensor([8.0, 8.0, 16.0, 16.0, 16.0])
     inside = fcos_candidates_inside_boxes(MATCH_LOCATIONS, MATCH_GT, strides, center_sampling_radius=1.5)
     # Box A centre (20, 10): (10, 10): |dx| 10 < 12 yes; (20, 5): 0, 5 < 24 yes;
-    # (35, 15): |dx| 15 > 6 no.
+    # (35, 15): |dx| 15 < 24 yes (it would not be with the stride of p3).
     # Box B centre (20, 20): (20, 20) yes. Box C centre (45, 45): (10, 10): 35 > 12 no;
-    # (40, 10): dy 35 > 12 no; (20, 5): 25 > 24 no (dx), (20, 20): 25 > 24 no; (35, 15): no.
+    # (40, 10): dy 35 > 12 no; (20, 5): 25 > 24 no (dx); (20, 20): 25 > 24 no; (35, 15): dy 30 > 24 no.
     expected = torch.tensor(
         [
-            [[True, False], [False, False], [True, False], [False, False], [False, False]],
+            [[True, False], [False, False], [True, False], [False, False], [True, False]],
             [[False, False], [False, False], [False, False], [True, False], [False, False]],
         ]
     )
