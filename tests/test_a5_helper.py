@@ -989,7 +989,7 @@ def _real_module(name: str):
         pytest.skip(f"{name} not importable: {err}")
 
 
-@pytest.mark.part("fcos_loss")
+@pytest.mark.part("provided")
 def test_real_fcos_trains_from_images_and_cache(tiny_voc, tmp_path):
     _real_module("fcos")
     ds = h.VOC2007DetectionTiny(tiny_voc, "train", image_size=64)
@@ -1021,7 +1021,7 @@ def test_real_fcos_trains_from_images_and_cache(tiny_voc, tmp_path):
         assert torch.equal(reloaded.state_dict()[k], v.cpu())
 
 
-@pytest.mark.part("faster_rcnn")
+@pytest.mark.part("provided")
 def test_real_faster_rcnn_trains_and_evaluates(tiny_voc, tmp_path):
     _real_module("fcos")
     _real_module("two_stage_detector")
@@ -1044,7 +1044,7 @@ def test_real_faster_rcnn_trains_and_evaluates(tiny_voc, tmp_path):
     assert all(math.isfinite(v) for v in history["total_loss"])
 
 
-@pytest.mark.part("fcos_inference")
+@pytest.mark.part("provided")
 def test_real_fcos_command_line(tiny_voc, tmp_path, capsys):
     _real_module("fcos")
     out = tmp_path / "fcos_run"

@@ -118,6 +118,8 @@ def test_backbone_fpn_shapes(backbone, size):
     spec = fcos.BACKBONE_SPECS[backbone]
     try:
         p_feats = model(images)
+    except NotImplementedError:
+        raise
     except RuntimeError as error:
         raise AssertionError(
             f"FPN on a {size[0]}x{size[1]} image: expected p3/p4/p5 of the sizes of c3/c4/c5 "
@@ -212,6 +214,8 @@ def test_fpn_nearest_upsampling_to_the_exact_size():
     try:
         with torch.no_grad():
             p = model(feats)
+    except NotImplementedError:
+        raise
     except RuntimeError as error:
         raise AssertionError(
             "FPN on c3/c4/c5 of 6x6, 3x3, 2x2 (an odd image size): expected the upsampled coarser map to "
@@ -788,7 +792,7 @@ def test_centerness_floor_is_the_entropy_of_the_targets():
     images = torch.randn(2, 3, 64, 64)
     gt = random_gt(2, 64, num_classes=3, seed=5)
     losses = model(images, gt)
-    assert float(losses["loss_ctr"]) >= -1e-6, "above its floor"
+    assert float(losses["loss_ctr"].detach()) >= -1e-6, "above its floor"
 
 
 @pytest.mark.part("fcos_loss_cls")
