@@ -13,7 +13,8 @@ Faster R-CNN (Ren et al., 2015) detects objects in two stages:
    and, as in the paper, refines its box with class-specific box deltas. (The course
    version of this assignment only classifies proposals.)
 
-This file reuses the backbone + FPN, the location helper and NMS of ``fcos.py``.
+This file reuses the backbone + FPN, the locations and the box clipping of ``fcos.py``; the
+fast NMS and RoI Align behind training and inference are provided in ``a5/kernels.py``.
 
 Conventions shared with ``fcos.py``:
 

@@ -585,6 +585,10 @@ def test_pick_smallest_box_float64_and_huge_areas():
     matched = fcos_pick_smallest_box(torch.tensor([[[True, True]]]), gt)
     check_dtype("matched rows", matched, torch.float64)
     check_equal("matched row among boxes of areas 4e10 and 1e10", matched[0, 0], gt[0, 1])
+    # Only the huge box is a candidate: it must win whatever the other box's area.
+    matched = fcos_pick_smallest_box(torch.tensor([[[True, False]]]), gt)
+    check_equal("matched row when only the box of area 4e10 is a candidate", matched[0, 0], gt[0, 0],
+                hint="give non-candidates an infinite area, not a large number")
 
 
 # A 256 x 256 scene: a small box A inside a medium box B, and a large box C that

@@ -65,6 +65,54 @@ class PartResult:
     output: str = ""
 
 
+def _read_result(grade_json: Path, report: Path, part: str, output: str) -> PartResult:
+    result = PartResult(output=output)
+    if grade_json.is_file():
+        row = json.loads(grade_json.read_text())["parts"].get(part, {})
+        result.passed = row.get("passed", 0)
+        result.failed = row.get("failed", 0)
+        result.not_implemented = row.get("not_implemented", 0)
+    if report.is_file():
+        for case in ET.parse(report).getroot().iter("testcase"):
+            for failure in list(case.iter("failure")) + list(case.iter("error")):
+                result.messages.append(f"{case.get('name')}: {failure.get('message', '')}")
+    return result
+
+
+def grade_many(jobs: List[tuple], workers: int = 2, stop_at_first_failure: bool = False,
+               timeout: float = 3600) -> List[PartResult]:
+    """Grade ``(checkout, part, module)`` jobs in ``workers`` processes that each run many
+    jobs (``batch_grade.py``): torch is imported once per process, not once per job."""
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    specs = []
+    for checkout, part, module in jobs:
+        files = [f for f in TEST_FILES[module] if (REPO_ROOT / f).is_file()]
+        specs.append({"checkout": str(checkout), "part": part, "files": files,
+                      "junit": str(Path(checkout) / f"junit_{part}.xml"),
+                      "grade_json": str(Path(checkout) / f"grade_{part}.json"),
+                      "stop_at_first_failure": stop_at_first_failure})
+    chunks = [specs[i::workers] for i in range(workers)]
+
+    def run(chunk) -> str:
+        if not chunk:
+            return ""
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+            json.dump(chunk, handle)
+        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+        env.pop("A5_SUBMISSION", None)
+        completed = subprocess.run([sys.executable, str(Path(__file__).with_name("batch_grade.py")), handle.name],
+                                   cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        os.unlink(handle.name)
+        return completed.stdout[-20000:] + completed.stderr[-5000:]
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        outputs = list(pool.map(run, chunks))
+    return [_read_result(Path(spec["grade_json"]), Path(spec["junit"]), spec["part"], "\n".join(outputs)[-4000:])
+            for spec in specs]
+
+
 def grade_part(checkout: Path, part: str, module: str, timeout: float = 600, stop_at_first_failure: bool = False
                ) -> PartResult:
     """Run the public and hidden tests of ``part`` on ``checkout`` (``stop_at_first_failure``:
@@ -78,14 +126,4 @@ def grade_part(checkout: Path, part: str, module: str, timeout: float = 600, sto
     if stop_at_first_failure:
         command.append("-x")
     completed = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    result = PartResult(output=completed.stdout[-4000:] + completed.stderr[-2000:])
-    if grade_json.is_file():
-        row = json.loads(grade_json.read_text())["parts"].get(part, {})
-        result.passed = row.get("passed", 0)
-        result.failed = row.get("failed", 0)
-        result.not_implemented = row.get("not_implemented", 0)
-    if report.is_file():
-        for case in ET.parse(report).getroot().iter("testcase"):
-            for failure in list(case.iter("failure")) + list(case.iter("error")):
-                result.messages.append(f"{case.get('name')}: {failure.get('message', '')}")
-    return result
+    return _read_result(grade_json, report, part, completed.stdout[-4000:] + completed.stderr[-2000:])

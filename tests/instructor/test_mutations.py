@@ -2,14 +2,13 @@
 fail its own part (public or hidden tests, all other parts from the reference) with a
 message that says what was expected and what was computed.
 
-The copies are graded two at a time (two cores); the results are shared by the
-parametrised tests, one per mutation.
+The copies are graded by two processes (two cores) that each grade many copies
+(``support.grade_many``); the results are shared by the parametrised tests, one per
+mutation.
 """
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Dict
 
 import pytest
@@ -45,14 +44,12 @@ def _mutated_source(mutation: Mutation) -> str:
 @pytest.fixture(scope="module")
 def mutation_results(tmp_path_factory) -> Dict[str, support.PartResult]:
     root = tmp_path_factory.mktemp("mutations")
-
-    def run(item):
-        index, mutation = item
+    jobs = []
+    for index, mutation in enumerate(MUTATIONS):
         checkout = support.make_checkout(root / f"m{index}", sources={mutation.module: _mutated_source(mutation)})
-        return mutation.name, support.grade_part(checkout, mutation.part, mutation.module, stop_at_first_failure=True)
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(pool.map(run, enumerate(MUTATIONS)))
+        jobs.append((checkout, mutation.part, mutation.module))
+    results = support.grade_many(jobs, workers=2, stop_at_first_failure=True)
+    return {mutation.name: result for mutation, result in zip(MUTATIONS, results)}
 
 
 def test_at_least_three_mutations_per_part():

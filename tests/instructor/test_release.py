@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -194,14 +193,9 @@ def test_untouched_release_scores_zero_and_passes_the_provided_tests(release, tm
 @pytest.fixture(scope="module")
 def single_part_results(tmp_path_factory):
     root = tmp_path_factory.mktemp("single_parts")
-
-    def run(item):
-        module, part = item
-        checkout = support.make_checkout(root / part, keep=[part])
-        return part, support.grade_part(checkout, part, module)
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(pool.map(run, ALL_PARTS))
+    jobs = [(support.make_checkout(root / part, keep=[part]), part, module) for module, part in ALL_PARTS]
+    results = support.grade_many(jobs, workers=2)
+    return {part: result for (_, part, _), result in zip(jobs, results)}
 
 
 @pytest.mark.parametrize("module, part", ALL_PARTS, ids=[part for _, part in ALL_PARTS])
