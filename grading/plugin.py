@@ -93,13 +93,14 @@ class _Forbidden:
     a part that forbids the name runs, and only for calls from student code."""
 
     def __init__(self, by_part: Dict[str, List[str]], student_files: Dict[str, frozenset]):
-        self.by_part = {part: set(names) for part, names in by_part.items()}
+        self.by_part = {part: list(dict.fromkeys(names)) for part, names in by_part.items()}
         self.student_files = student_files  # realpath -> provided qualnames
-        self.active: Set[str] = set()
+        self.active: List[str] = []
         self.part: Optional[str] = None
         self.violations: List[str] = []
         self.installed: List[str] = []
-        for name in sorted(set().union(*self.by_part.values()) if self.by_part else ()):
+        every = [name for names in self.by_part.values() for name in names]
+        for name in dict.fromkeys(every):
             if self._install(name):
                 self.installed.append(name)
 
@@ -113,10 +114,13 @@ class _Forbidden:
         qualname = getattr(frame.f_code, "co_qualname", frame.f_code.co_name)
         return qualname.split(".<locals>.")[0] not in provided and qualname not in provided
 
-    def _check(self, name: str, frame) -> None:
-        if name in self.active and self._student_caller(frame):
-            self.violations.append(name)
-            raise ForbiddenCall(f"part {self.part!r} uses forbidden {name}: implement it yourself")
+    def _check(self, names: Set[str], frame) -> None:
+        """Raise if the part under test forbids one of ``names`` (the names of one wrapped
+        object) and the caller is student code; report the part's first such name."""
+        hits = [name for name in self.active if name in names]
+        if hits and self._student_caller(frame):
+            self.violations.append(hits[0])
+            raise ForbiddenCall(f"part {self.part!r} uses forbidden {hits[0]}: implement it yourself")
 
     # -- installing ------------------------------------------------------------------
     @staticmethod
@@ -151,9 +155,7 @@ class _Forbidden:
 
             @functools.wraps(init)
             def guarded_init(self, *args, **kwargs):
-                frame = sys._getframe(1)
-                for n in names:
-                    check(n, frame)
+                check(names, sys._getframe(1))
                 return init(self, *args, **kwargs)
 
             guarded_init._a5_forbidden = names
@@ -167,9 +169,7 @@ class _Forbidden:
         names = {name}
 
         def guarded(*args, **kwargs):
-            frame = sys._getframe(1)
-            for n in names:
-                check(n, frame)
+            check(names, sys._getframe(1))
             return original(*args, **kwargs)
 
         try:
@@ -194,12 +194,12 @@ class _Forbidden:
 
     def begin(self, part: str) -> None:
         self.part = part
-        self.active = self.by_part.get(part, set())
+        self.active = self.by_part.get(part, [])
         self.violations = []
 
     def end(self) -> None:
         self.part = None
-        self.active = set()
+        self.active = []
 
 
 # --------------------------------------------------------------------------------------
