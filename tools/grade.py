@@ -503,7 +503,8 @@ class Grader:
             elif rc is not None and rc < 0:
                 reason = f"the test process crashed ({_signal_name(rc)})"
             else:
-                reason = f"the test process exited with status {rc} (sys.exit / os._exit in the code?)"
+                reason = (f"the test process exited with status {rc} (sys.exit / os._exit in the code?)" if rc != 75
+                          else "a test did not stop at its time limit; its process was ended")
             if started is not None and started not in run.results:
                 part = run.collected.get(started, {}).get("part", "")
                 run.results[started] = {"nodeid": started, "part": part,
