@@ -20,11 +20,12 @@ How a submission is graded:
 * on temporary copies: the submission's student modules (the provided modules and
   packages always come from this reference), and this grader's tests, configuration and
   reference modules, so that nothing the student code does can change the grader's files;
-* one pytest process per test file (``grading/plugin.py``), so a syntax or import error,
-  ``sys.exit``, ``os._exit`` or a crash costs only the tests of that file; a process that
-  dies in a test has that test failed with the reason and the rest of the file run in a
-  new process. A module that does not import is replaced by the reference where the file
-  grades other modules' parts (e.g. the two-stage parts with our own ``fcos.py``);
+* in pytest processes of their own (``grading/plugin.py`` streams one event per test):
+  a test file that cannot be collected (syntax or import error, ``sys.exit`` at import)
+  costs only its own tests; a process that dies in a test (``os._exit``, a segfault) has
+  that test failed with the reason and the remaining tests run in a new process. A
+  module that does not import is replaced by the reference where a file grades other
+  modules' parts (e.g. the two-stage parts with our own ``fcos.py`` as plumbing);
 * a time limit per test (``--timeout``) and per submission (``--submission-timeout``);
   a test over the limit fails as "time limit exceeded" and grading goes on;
 * forbidden calls: while a part's tests run, the library functions that the part must
@@ -62,11 +63,24 @@ from grading.config import CONFIG_PATH, Config, ConfigError, load_config  # noqa
 PUBLIC_GLOB = ("tests", "test_*.py")
 HIDDEN_GLOB = ("grading/hidden", "test_*.py")
 PART_RE = re.compile(r"""mark\.part\(\s*["']([\w.-]+)["']\s*\)""")
-# Not copied into the grader's temporary copy.
-_GRADER_IGNORE = shutil.ignore_patterns(
-    ".git", ".venv", "venv", "__pycache__", "*.pyc", ".pytest_cache", ".ipynb_checkpoints", "runs", "data",
-    "cache", "*.pt", "*.pth", "*.zip", "release", ".whl", ".gl", "instructor", "docs",
-)
+# Not copied into the grader's temporary copy (nor into the Gradescope bundle).
+_TOP_LEVEL_IGNORE = {".git", ".venv", "venv", "runs", "data", "cache", "release", ".whl", ".gl", "docs", ".ci"}
+_EVERYWHERE_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", ".ipynb_checkpoints", "*.pt",
+                                            "*.pth", "*.zip")
+
+
+def _GRADER_IGNORE(directory: str, names: List[str]) -> set:
+    """copytree ``ignore`` for the grader's copy: instructor-only tests, VCS, environments,
+    runs, data and checkpoints."""
+    ignored = set(_EVERYWHERE_IGNORE(directory, names))
+    here = Path(directory).resolve()
+    if here == REPO_ROOT:
+        ignored |= _TOP_LEVEL_IGNORE & set(names)
+    if here == REPO_ROOT / "tests":
+        ignored |= {"instructor"} & set(names)
+    return ignored
+
+
 OUTCOMES = ("passed", "failed", "not_implemented", "skipped", "timeout", "forbidden", "error")
 
 
@@ -449,17 +463,92 @@ class Grader:
         tail = log_path.read_text(errors="replace")[-4000:] if log_path.is_file() else ""
         return rc, killed, tail
 
-    def reference_tests(self, grader: Path, key: str, scratch: Path) -> "OrderedDict[str, dict]":
-        """The tests of the file ``key`` as collected with the reference modules (to count
-        the tests of a file that a submission could not even collect)."""
-        if key not in self._reference_tests:
-            events = scratch / f"reference-{key.replace('/', '_')}.jsonl"
+    def reference_tests(self, grader: Path, keys: List[str], scratch: Path) -> "OrderedDict[str, dict]":
+        """The tests of the files ``keys`` as collected with the reference modules (to count
+        the tests of files that a submission could not even collect); one process."""
+        todo = [key for key in keys if key not in self._reference_tests]
+        if todo:
+            events = scratch / f"reference-{len(list(scratch.glob('reference-*')))}.jsonl"
             env = dict(self.env)
             env.pop("A5_SUBMISSION", None)
-            self._pytest(grader, [key], events, env, timeout=600, collect_only=True)
-            self._reference_tests[key] = OrderedDict(
-                (e["nodeid"], e) for e in _read_events(events) if e["event"] == "collected")
-        return self._reference_tests[key]
+            self._pytest(grader, todo, events, env, timeout=600, collect_only=True,
+                         extra=["--continue-on-collection-errors"])
+            for key in todo:
+                self._reference_tests[key] = OrderedDict()
+            for event in _read_events(events):
+                if event["event"] == "collected" and _file_of(event["nodeid"]) in self._reference_tests:
+                    self._reference_tests[_file_of(event["nodeid"])][event["nodeid"]] = event
+        found: "OrderedDict[str, dict]" = OrderedDict()
+        for key in keys:
+            found.update(self._reference_tests[key])
+        return found
+
+    def _recover(self, grader: Path, checkout: Path, scratch: Path, deadline: float, files: List[str], run: Run,
+                 grade: Grade) -> None:
+        """Files that could not be collected: grade them again with the reference module
+        where the module that does not import is not the one they grade; fail the tests of
+        the others with the reason (counted from the reference's collection)."""
+        failed = [key for key in files if key in run.errors]
+        if not failed:
+            return
+        broken: Optional[Dict[str, str]] = None
+        retry: Dict[Tuple[str, ...], List[str]] = OrderedDict()
+        for key in failed:
+            if run.errors[key].startswith("time limit") or time.monotonic() >= deadline:
+                continue
+            if broken is None:
+                broken = self.syntax_errors(checkout) or self.probe_modules(grader, checkout, scratch)
+            owners = {self.config.parts[p].module for p in PART_RE.findall((grader / key).read_text())
+                      if p in self.config.parts and p in self.parts}
+            others = tuple(sorted(set(broken) - owners))
+            owner_errors = [broken[m] for m in sorted(owners) if m in broken]
+            if owner_errors:
+                run.errors[key] = owner_errors[0]
+            elif others:
+                retry.setdefault(others, []).append(key)
+        for others, keys in retry.items():
+            fallback_dir = scratch / f"fallback-{len(list(scratch.glob('fallback-*')))}"
+            fallback, _ = copy_submission(checkout, grader, fallback_dir, self.config, reference_modules=others)
+            self.log(f"  {', '.join(keys)}: graded again with the reference {', '.join(others)}")
+            rerun = self.run_tests(grader, keys, fallback, scratch, deadline)
+            note = (f"graded with the reference {', '.join(others)} (the submission's does not import: "
+                    f"{'; '.join(broken[m] for m in others)})")
+            for key in keys:
+                if key in rerun.errors or rerun.died_collecting:
+                    continue
+                for nodeid in [n for n in run.results if _file_of(n) == key]:
+                    del run.results[nodeid]
+                for nodeid, event in rerun.results.items():
+                    if _file_of(nodeid) == key:
+                        run.results[nodeid] = event
+                        part = event.get("part", "")
+                        if note not in grade.notes.get(part, []):
+                            grade.notes.setdefault(part, []).append(note)
+                del run.errors[key]
+        failed = [key for key in files if key in run.errors]
+        if not failed:
+            return
+        for nodeid, event in self.reference_tests(grader, failed, scratch).items():
+            error = run.errors[_file_of(nodeid)]
+            timeout = error.startswith("time limit")
+            run.results.setdefault(nodeid, {"nodeid": nodeid, "part": event.get("part", ""),
+                                            "outcome": "timeout" if timeout else "error",
+                                            "message": error if timeout else "error: " + error})
+
+    def syntax_errors(self, checkout: Path) -> Dict[str, str]:
+        """``{student module: syntax error}``, found by compiling (no process needed)."""
+        found = {}
+        for module in self.config.student_modules:
+            path = checkout / module
+            if not path.is_file():
+                continue
+            try:
+                compile(path.read_bytes(), str(path), "exec")
+            except SyntaxError as exc:
+                found[module] = f"{type(exc).__name__}: {exc.msg} ({Path(module).name}, line {exc.lineno})"
+            except ValueError as exc:  # e.g. null bytes
+                found[module] = f"{module} cannot be compiled: {exc}"
+        return found
 
     def run_tests(self, grader: Path, files: List[str], submission: Path, scratch: Path, deadline: float) -> Run:
         """The tests of ``files`` in one pytest process, and more when a test kills its
@@ -590,42 +679,7 @@ class Grader:
                         run.errors[key] = one.died_collecting
             elif run.died_collecting:
                 run.errors.update({key: run.died_collecting for key in files})
-            broken: Optional[Dict[str, str]] = None
-            for key in files:
-                if key not in run.errors:
-                    continue
-                error = run.errors[key]
-                if time.monotonic() < deadline and not error.startswith("time limit"):
-                    if broken is None:
-                        broken = self.probe_modules(grader, checkout, scratch)
-                    owners = {self.config.parts[p].module for p in PART_RE.findall((grader / key).read_text())
-                              if p in self.config.parts and p in self.parts}
-                    others = sorted(set(broken) - owners)
-                    if others and not set(broken) & owners:
-                        fallback_dir = scratch / f"fallback-{len(list(scratch.glob('fallback-*')))}"
-                        fallback, _ = copy_submission(checkout, grader, fallback_dir, self.config,
-                                                      reference_modules=others)
-                        self.log(f"  {key}: graded again with the reference {', '.join(others)}")
-                        rerun = self.run_tests(grader, [key], fallback, scratch, deadline)
-                        if key not in rerun.errors and not rerun.died_collecting:
-                            note = (f"graded with the reference {', '.join(others)} (the submission's does not "
-                                    f"import: {'; '.join(broken[m] for m in others)})")
-                            for part in {e.get("part") for e in rerun.collected.values()}:
-                                if note not in grade.notes.get(part, []):
-                                    grade.notes.setdefault(part, []).append(note)
-                            for nodeid in [n for n in run.results if _file_of(n) == key]:
-                                del run.results[nodeid]
-                            run.results.update(rerun.results)
-                            del run.errors[key]
-                            continue
-                    owner_errors = [broken[m] for m in sorted(owners) if m in broken]
-                    if owner_errors:
-                        error = owner_errors[0]
-                timeout = error.startswith("time limit")
-                for nodeid, event in self.reference_tests(grader, key, scratch).items():
-                    run.results.setdefault(nodeid, {"nodeid": nodeid, "part": event.get("part", ""),
-                                                    "outcome": "timeout" if timeout else "error",
-                                                    "message": error if timeout else "error: " + error})
+            self._recover(grader, checkout, scratch, deadline, list(files), run, grade)
             for nodeid, event in run.results.items():
                 kind = files.get(_file_of(nodeid), "hidden" if nodeid.startswith(HIDDEN_GLOB[0]) else "public")
                 grade.tests.append(TestResult(nodeid, event.get("part") or "provided", kind, event["outcome"],

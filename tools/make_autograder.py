@@ -56,7 +56,7 @@ def bundle_files() -> List[Path]:
     for dirpath, dirnames, filenames in os.walk(REPO_ROOT):
         here = Path(dirpath)
         ignored = grade._GRADER_IGNORE(dirpath, dirnames + filenames)
-        dirnames[:] = sorted(d for d in dirnames if d not in ignored and d != ".ci")
+        dirnames[:] = sorted(d for d in dirnames if d not in ignored)
         for name in sorted(filenames):
             if name in ignored:
                 continue
