@@ -51,6 +51,7 @@ class Config:
     hidden_visibility: str = "after_published"
     notebooks: Tuple[str, ...] = ()
     notebook_points: float = 0.0
+    notebook_cell_timeout: float = 600.0
     path: Path = CONFIG_PATH
     # Relative paths of the modules that hold student parts, and of the other modules.
     student_modules: Tuple[str, ...] = ()
@@ -129,6 +130,7 @@ def load_config(path: Path = CONFIG_PATH, root: Path = REPO_ROOT, check_parts: b
         hidden_visibility=visibility,
         notebooks=tuple(notebooks.get("files", ())),
         notebook_points=float(notebooks.get("points", 0)),
+        notebook_cell_timeout=float(notebooks.get("cell_timeout", 600)),
         path=Path(path),
         student_modules=tuple(m for m, p in by_module.items() if p),
         provided_modules=tuple(m for m, p in by_module.items() if not p),

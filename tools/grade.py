@@ -722,7 +722,8 @@ class Grader:
                                           "not run: the submission's time limit was exceeded"))
                 continue
             sanitize = grader / "tests" / "nbval_sanitize.cfg"
-            extra = ["--nbval-lax", "--a5-timeout", "0"]
+            extra = ["--nbval-lax", "--a5-timeout", "0",
+                     "--nbval-cell-timeout", str(int(max(self.config.notebook_cell_timeout, 1)))]
             if sanitize.is_file():
                 extra += ["--nbval-sanitize-with", str(sanitize)]
             env = dict(self.env, A5_SUBMISSION=str(submission))
@@ -738,7 +739,8 @@ class Grader:
                 if result is None:
                     result = {"outcome": "timeout" if killed else "error",
                               "message": "time limit exceeded" if killed else f"the notebook run ended (status {rc})"}
-                results.append(TestResult(cell_id, event["part"], "notebook", result["outcome"],
+                results.append(TestResult(f"{source.name}::{cell_id.split('::')[-1]}", event["part"], "notebook",
+                                          result["outcome"],
                                           result.get("message", ""), float(result.get("duration") or 0.0),
                                           checked=bool(event.get("checked"))))
         return results

@@ -224,3 +224,31 @@ def test_batch_of_three_submissions_gives_one_csv(tmp_path):
     carol = json.loads((json_dir / "carol.json").read_text())["parts"]
     assert carol[FAST_FCOS]["status"].startswith("error: SyntaxError"), carol[FAST_FCOS]
     assert any("graded with the reference fcos.py" in note for note in carol[FAST_TWO_STAGE]["notes"])
+
+
+def test_notebook_checks_run_with_the_submission_modules(tmp_path):
+    """--notebooks runs a notebook's cells in the submission's folder; every checked cell
+    (``# NBVAL_CHECK_OUTPUT``) is one check, compared with its recorded output."""
+    nbformat = pytest.importorskip("nbformat")
+    notebook = nbformat.v4.new_notebook()
+    cells = [
+        ("import fcos\nprint(fcos.__file__.endswith('checkout/fcos.py'))  # NBVAL_CHECK_OUTPUT", "False\n"),
+        ("x = 6 * 7", None),
+        ("# NBVAL_CHECK_OUTPUT\nprint(x)", "42\n"),
+        ("# NBVAL_CHECK_OUTPUT\nprint(x + 1)", "42\n"),  # recorded output differs: fails
+    ]
+    for count, (source, output) in enumerate(cells, start=1):
+        cell = nbformat.v4.new_code_cell(source, execution_count=count)
+        if output is not None:
+            cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text=output)]
+        notebook.cells.append(cell)
+    path = tmp_path / "tiny.ipynb"
+    nbformat.write(notebook, str(path))
+    checkout = make_checkout(tmp_path / "checkout")
+    result = grade(checkout, tmp_path, "--parts", FAST_TWO_STAGE, "--notebooks", str(path))
+    summary = result["json"]["notebooks"]
+    # The first check passes: the kernel imported the graded copy, not the checkout or the grader.
+    assert summary["checks"] == 3 and summary["checks_passed"] == 2, result["json"]["tests"]
+    cells = [t for t in result["json"]["tests"] if t["set"] == "notebook"]
+    assert [t["outcome"] for t in cells] == ["passed", "passed", "passed", "failed"], cells
+    assert "2/3 checks passed" in result["stdout"]
