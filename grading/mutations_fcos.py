@@ -133,9 +133,8 @@ MUTATIONS = [
              "EMA started from the negative placeholder"),
     Mutation("fcos_normalizer", M, "updated = momentum * ema + (1 - momentum) * count",
              "updated = (1 - momentum) * ema + momentum * count", "momentum on the new count"),
-    Mutation("fcos_normalizer", M,
-             "count = foreground.sum().to(ema.dtype) / num_images",
-             "count = foreground.sum().to(ema.dtype)", "count per batch instead of per image"),
+    Mutation("fcos_normalizer", M, "ema.copy_(torch.where(ema < 0, count, updated))", "ema.copy_(count)",
+             "no moving average: the count of each batch"),
     # fcos_inference
     Mutation("fcos_inference", M,
              "scores = torch.sqrt(torch.sigmoid(cls_logits) * torch.sigmoid(ctr_logits)).flatten(start_dim=1)",
