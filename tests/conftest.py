@@ -84,6 +84,18 @@ def _other_parts_from_the_reference(request, monkeypatch):
 # --------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a module of tiny-tensor tests: faster and steadier on a
+    shared machine (use with ``pytestmark = pytest.mark.usefixtures("single_thread")``)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def voc_root() -> Path:
     """The offline VOC2007 folder, or a skip that says how to provide it."""

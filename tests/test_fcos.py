@@ -43,13 +43,8 @@ from fcos import (
 STRIDES = {"p3": 8, "p4": 16, "p5": 32}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: one intra-op thread is faster and steadier on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: one intra-op thread is faster and steadier (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_fcos(num_classes: int = 3, **kwargs) -> FCOS:

@@ -15,12 +15,8 @@ from checks import check_equal
 from fcos import DetectorBackboneWithFPN, class_spec_nms
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: one intra-op thread is faster and steadier (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _random_boxes(n: int, gen: torch.Generator, extent: float, max_side: float, dtype=torch.float32):

@@ -41,13 +41,8 @@ STRIDES = {"p3": 8, "p4": 16, "p5": 32}
 LN2, LN3, LN4, LN6 = math.log(2.0), math.log(3.0), math.log(4.0), math.log(6.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: one intra-op thread is faster and steadier on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: one intra-op thread is faster and steadier (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # --------------------------------------------------------------------------------------

@@ -20,12 +20,8 @@ from checks import check_close, check_dtype, check_equal, check_shape
 from two_stage_detector import RPN, FasterRCNN
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: one intra-op thread is faster and steadier (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class _Backbone(nn.Module):
