@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+import a5.data
 import a5_helper as h
 
 pytestmark = pytest.mark.part("provided")
@@ -414,7 +415,7 @@ def test_missing_or_corrupt_files_are_named(tiny_voc, tmp_path):
 
 def test_download_fails_fast_offline_and_verifies_checksum(tiny_voc, tmp_path, monkeypatch):
     offline = {"urls": ["http://127.0.0.1:9/VOCtrainval.tar"], "filename": "VOCtrainval.tar", "md5": "0" * 32}
-    monkeypatch.setattr(h, "VOC2007_DOWNLOAD", offline)
+    monkeypatch.setattr(a5.data, "VOC2007_DOWNLOAD", offline)
     start = time.time()
     with pytest.raises(RuntimeError, match="VOC_ROOT") as err:
         h.VOC2007DetectionTiny(tmp_path / "dl0", "train", download=True)
@@ -425,12 +426,12 @@ def test_download_fails_fast_offline_and_verifies_checksum(tiny_voc, tmp_path, m
         tar.add(tiny_voc / "VOCdevkit", arcname="VOCdevkit")
     md5 = hashlib.md5(archive.read_bytes()).hexdigest()
     bad = {"urls": [archive.as_uri()], "filename": "VOCtrainval.tar", "md5": "f" * 32}
-    monkeypatch.setattr(h, "VOC2007_DOWNLOAD", bad)
+    monkeypatch.setattr(a5.data, "VOC2007_DOWNLOAD", bad)
     with pytest.raises(RuntimeError, match="Checksum mismatch"):
         h.VOC2007DetectionTiny(tmp_path / "dl1", "train", download=True)
     assert not (tmp_path / "dl1" / "VOCtrainval.tar").exists()
     good = {"urls": [archive.as_uri()], "filename": "VOCtrainval.tar", "md5": md5}
-    monkeypatch.setattr(h, "VOC2007_DOWNLOAD", good)
+    monkeypatch.setattr(a5.data, "VOC2007_DOWNLOAD", good)
     ds = h.VOC2007DetectionTiny(tmp_path / "dl2", "train", download=True, image_size=64)
     assert len(ds) == N_TRAIN and ds.annotation_format == "voc"
 

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+import a5.plots
 import a5_helper as h
 from test_a5_helper import TinyDetector, make_tiny_voc
 
@@ -375,7 +376,7 @@ def _capture_figures(monkeypatch):
         figures.append(fig)
         return None
 
-    monkeypatch.setattr(h, "_finish_figure", finish)
+    monkeypatch.setattr(a5.plots, "_finish_figure", finish)
     return figures
 
 
