@@ -268,7 +268,27 @@ class VOC2007DetectionTiny(Dataset):
 
         voc_root = _find_voc_root(self.dataset_dir)
         json_path = self.dataset_dir / f"voc07_{split}.json"
-        fmt = annotation_format
+        fmt = self._annotation_format(annotation_format, voc_root, json_path)
+        self.annotation_format = fmt
+
+        # self.instances: [(image_path, [{"name", "xyxy", "difficult"}, ...]), ...]
+        self._sizes: Dict[int, Tuple[int, int]] = {}
+        if fmt == "json":
+            self.instances = self._read_json(json_path)
+        else:
+            if voc_root is None:
+                raise FileNotFoundError(f"No VOCdevkit layout in {self.dataset_dir}.\n{EXPECTED_LAYOUT}")
+            self.instances = self._read_voc(voc_root, split)
+
+        self._check_instances()
+        self._warned_truncation = False
+        self.validation_report: Dict[str, list] = {}
+        if validate:
+            self._validate()
+
+    def _annotation_format(self, annotation_format: str, voc_root: Optional[Path], json_path: Path) -> str:
+        """"voc" or "json": the one asked for, or with "auto" the VOCdevkit layout if it has the split."""
+        split, fmt = self.split, annotation_format
         if fmt == "auto":
             if voc_root is not None and (voc_root / "ImageSets" / "Main" / f"{split}.txt").is_file():
                 fmt = "voc"
@@ -281,17 +301,11 @@ class VOC2007DetectionTiny(Dataset):
                 )
         if fmt not in ("voc", "json"):
             raise ValueError(f"annotation_format must be 'auto', 'voc' or 'json', not {annotation_format!r}")
-        self.annotation_format = fmt
+        return fmt
 
-        # self.instances: [(image_path, [{"name", "xyxy", "difficult"}, ...]), ...]
-        self._sizes: Dict[int, Tuple[int, int]] = {}
-        if fmt == "json":
-            self.instances = self._read_json(json_path)
-        else:
-            if voc_root is None:
-                raise FileNotFoundError(f"No VOCdevkit layout in {self.dataset_dir}.\n{EXPECTED_LAYOUT}")
-            self.instances = self._read_voc(voc_root, split)
-
+    def _check_instances(self) -> None:
+        """Every class known and every image file present (else a clear error)."""
+        split = self.split
         for path, objs in self.instances:
             for obj in objs:
                 if obj["name"] not in self.class_to_idx:
@@ -302,10 +316,6 @@ class VOC2007DetectionTiny(Dataset):
                 f"Image file not found: {missing[0]} ({len(missing)} of {plural(len(self.instances), 'image')} "
                 f"of split '{split}' {'is' if len(missing) == 1 else 'are'} missing)"
             )
-        self._warned_truncation = False
-        self.validation_report: Dict[str, list] = {}
-        if validate:
-            self._validate()
 
     # ---------------------------------------------------------------- validation
     def _validate(self) -> None:

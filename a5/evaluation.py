@@ -101,6 +101,32 @@ def compute_voc_map(
         "per_class": {class_name: AP, or NaN for classes without such boxes}}
         (+ "curves": {class_name: {"recall": [...], "precision": [...]}} if asked).
     """
+    gt_by_class, dets_by_class = _group_by_class(ground_truths, detections, class_names)
+    aps: Dict[str, float] = {}
+    curves: Dict[str, Dict[str, list]] = {}
+    for cls in class_names:
+        dets = dets_by_class[cls]
+        tp, fp, npos = _match_class_detections(gt_by_class[cls], dets, iou_threshold)
+        if npos == 0:
+            aps[cls] = float("nan")
+            curves[cls] = {"recall": [], "precision": []}
+            continue
+        tp_cum, fp_cum = np.cumsum(tp), np.cumsum(fp)
+        recall = tp_cum / npos
+        precision = tp_cum / np.maximum(tp_cum + fp_cum, np.finfo(np.float64).eps)
+        aps[cls] = voc_ap(recall, precision, use_07_metric, exact_tenths) if len(dets) else 0.0
+        curves[cls] = {"recall": recall.tolist(), "precision": precision.tolist()}
+    valid = [ap for ap in aps.values() if not math.isnan(ap)]
+    result: Dict[str, Any] = {"mAP": float(np.mean(valid)) if valid else float("nan"), "per_class": aps}
+    if return_curves:
+        result["curves"] = curves
+    return result
+
+
+def _group_by_class(ground_truths: GroundTruths, detections: Detections, class_names: Sequence[str],
+                    ) -> Tuple[Dict[str, Dict[str, Dict[str, np.ndarray]]], Dict[str, list]]:
+    """`{class: {image_id: {"boxes": (M, 4), "difficult": (M,)}}}` and
+    `{class: [(image_id, score, box), ...]}`, for the classes in `class_names`."""
     class_set = set(class_names)
     gt_by_class: Dict[str, Dict[str, Dict[str, np.ndarray]]] = {c: {} for c in class_names}
     for image_id, objects in ground_truths.items():
@@ -119,49 +145,37 @@ def compute_voc_map(
     for image_id, cls, score, box in detections:
         if cls in dets_by_class:
             dets_by_class[cls].append((image_id, float(score), [float(v) for v in box[:4]]))
+    return gt_by_class, dets_by_class
 
-    aps: Dict[str, float] = {}
-    curves: Dict[str, Dict[str, list]] = {}
-    for cls in class_names:
-        gts = gt_by_class[cls]
-        npos = int(sum((~g["difficult"]).sum() for g in gts.values()))
-        taken = {image_id: np.zeros(len(g["difficult"]), dtype=bool) for image_id, g in gts.items()}
-        dets = dets_by_class[cls]
-        scores = np.asarray([d[1] for d in dets], dtype=np.float64)
-        order = np.argsort(-scores, kind="stable")
-        tp = np.zeros(len(dets))
-        fp = np.zeros(len(dets))
-        for rank_, k in enumerate(order):
-            image_id, _, box = dets[k]
-            g = gts.get(image_id)
-            if g is None or len(g["boxes"]) == 0:
-                fp[rank_] = 1.0
-                continue
-            ious = _iou_plus_one(np.asarray(box), g["boxes"])
-            j = int(np.argmax(ious))
-            if ious[j] > iou_threshold:
-                if g["difficult"][j]:
-                    continue  # neither rewarded nor penalised
-                if not taken[image_id][j]:
-                    tp[rank_], taken[image_id][j] = 1.0, True
-                else:
-                    fp[rank_] = 1.0  # duplicate detection of an already matched box
-            else:
-                fp[rank_] = 1.0
-        if npos == 0:
-            aps[cls] = float("nan")
-            curves[cls] = {"recall": [], "precision": []}
+
+def _match_class_detections(gts: Dict[str, Dict[str, np.ndarray]], dets: list, iou_threshold: float,
+                            ) -> Tuple[np.ndarray, np.ndarray, int]:
+    """The devkit's matching for one class: true / false positive flags of the detections in
+    decreasing score order, and the number of non-difficult objects."""
+    npos = int(sum((~g["difficult"]).sum() for g in gts.values()))
+    taken = {image_id: np.zeros(len(g["difficult"]), dtype=bool) for image_id, g in gts.items()}
+    scores = np.asarray([d[1] for d in dets], dtype=np.float64)
+    order = np.argsort(-scores, kind="stable")
+    tp = np.zeros(len(dets))
+    fp = np.zeros(len(dets))
+    for rank_, k in enumerate(order):
+        image_id, _, box = dets[k]
+        g = gts.get(image_id)
+        if g is None or len(g["boxes"]) == 0:
+            fp[rank_] = 1.0
             continue
-        tp_cum, fp_cum = np.cumsum(tp), np.cumsum(fp)
-        recall = tp_cum / npos
-        precision = tp_cum / np.maximum(tp_cum + fp_cum, np.finfo(np.float64).eps)
-        aps[cls] = voc_ap(recall, precision, use_07_metric, exact_tenths) if len(dets) else 0.0
-        curves[cls] = {"recall": recall.tolist(), "precision": precision.tolist()}
-    valid = [ap for ap in aps.values() if not math.isnan(ap)]
-    result: Dict[str, Any] = {"mAP": float(np.mean(valid)) if valid else float("nan"), "per_class": aps}
-    if return_curves:
-        result["curves"] = curves
-    return result
+        ious = _iou_plus_one(np.asarray(box), g["boxes"])
+        j = int(np.argmax(ious))
+        if ious[j] > iou_threshold:
+            if g["difficult"][j]:
+                continue  # neither rewarded nor penalised
+            if not taken[image_id][j]:
+                tp[rank_], taken[image_id][j] = 1.0, True
+            else:
+                fp[rank_] = 1.0  # duplicate detection of an already matched box
+        else:
+            fp[rank_] = 1.0
+    return tp, fp, npos
 
 
 def compute_coco_map(ground_truths: GroundTruths, detections: Detections, class_names: Sequence[str]) -> Dict[str, float]:
@@ -269,7 +283,29 @@ def count_detection_errors(
     keys = ("correct",) + ERROR_KINDS + ("missed", "detections", "objects", "ignored")
     per_class: Dict[str, Dict[str, int]] = {c: dict.fromkeys(keys, 0) for c in class_names}
     class_index = {c: i for i, c in enumerate(class_names)}
-    # Every object of each image: boxes (M, 4), class index (M,), difficult (M,).
+    images = _objects_by_image(ground_truths, class_index, per_class)
+    taken = {image_id: np.zeros(len(v[1]), dtype=bool) for image_id, v in images.items()}
+    kept = [d for d in detections if d[1] in class_index and float(d[2]) >= score_thresh]
+    # Per class by decreasing score, as the devkit (a stable sort keeps the input order on ties).
+    kept.sort(key=lambda d: (class_index[d[1]], -float(d[2])))
+    empty = (np.zeros((0, 4)), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool))
+    for image_id, cls, _, box in kept:
+        counts = per_class[cls]
+        counts["detections"] += 1
+        objects = images.get(image_id, empty)
+        counts[_error_kind(box, class_index[cls], objects, taken.get(image_id), iou_threshold, background_iou)] += 1
+    for image_id, (boxes, labels, difficult) in images.items():
+        for j in np.flatnonzero(~difficult & ~taken[image_id]):
+            per_class[class_names[int(labels[j])]]["missed"] += 1
+    totals = {k: int(sum(c[k] for c in per_class.values())) for k in keys}
+    return {**totals, "score_thresh": float(score_thresh), "iou_threshold": float(iou_threshold),
+            "per_class": per_class}
+
+
+def _objects_by_image(ground_truths: GroundTruths, class_index: Dict[str, int],
+                      per_class: Dict[str, Dict[str, int]]) -> Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Every object of each image: boxes (M, 4), class index (M,), difficult (M,); counts the
+    non-difficult objects per class into `per_class`."""
     images: Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     for image_id, objects in ground_truths.items():
         objects = [o for o in objects if o[0] in class_index]
@@ -280,45 +316,34 @@ def count_detection_errors(
         for o in objects:
             if not o[2]:
                 per_class[o[0]]["objects"] += 1
-    taken = {image_id: np.zeros(len(v[1]), dtype=bool) for image_id, v in images.items()}
-    kept = [d for d in detections if d[1] in class_index and float(d[2]) >= score_thresh]
-    # Per class by decreasing score, as the devkit (a stable sort keeps the input order on ties).
-    kept.sort(key=lambda d: (class_index[d[1]], -float(d[2])))
-    empty = (np.zeros((0, 4)), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool))
-    for image_id, cls, _, box in kept:
-        counts = per_class[cls]
-        counts["detections"] += 1
-        boxes, labels, difficult = images.get(image_id, empty)
-        ious = _iou_plus_one(np.asarray(box[:4], dtype=np.float64), boxes) if len(boxes) else np.zeros(0)
-        same = labels == class_index[cls]
-        kind = "background"
-        if same.any():
-            j = int(np.flatnonzero(same)[np.argmax(ious[same])])
-            if ious[j] > iou_threshold:
-                if difficult[j]:
-                    counts["ignored"] += 1
-                    continue
-                if not taken[image_id][j]:
-                    taken[image_id][j] = True
-                    counts["correct"] += 1
-                    continue
-                counts["duplicate"] += 1
-                continue
-        best_same = float(ious[same].max()) if same.any() else 0.0
-        best_other = float(ious[~same].max()) if (~same).any() else 0.0
-        if best_other > iou_threshold:
-            kind = "confusion"
-        elif best_same >= background_iou:
-            kind = "localisation"
-        elif best_other >= background_iou:
-            kind = "confusion"
-        counts[kind] += 1
-    for image_id, (boxes, labels, difficult) in images.items():
-        for j in np.flatnonzero(~difficult & ~taken[image_id]):
-            per_class[class_names[int(labels[j])]]["missed"] += 1
-    totals = {k: int(sum(c[k] for c in per_class.values())) for k in keys}
-    return {**totals, "score_thresh": float(score_thresh), "iou_threshold": float(iou_threshold),
-            "per_class": per_class}
+    return images
+
+
+def _error_kind(box: Sequence[float], label: int, objects: Tuple[np.ndarray, np.ndarray, np.ndarray],
+                taken: Optional[np.ndarray], iou_threshold: float, background_iou: float) -> str:
+    """What one detection is (the rules of `count_detection_errors`): "correct" (then its object
+    is marked in `taken`), "ignored", "duplicate", "confusion", "localisation" or "background"."""
+    boxes, labels, difficult = objects
+    ious = _iou_plus_one(np.asarray(box[:4], dtype=np.float64), boxes) if len(boxes) else np.zeros(0)
+    same = labels == label
+    if same.any():
+        j = int(np.flatnonzero(same)[np.argmax(ious[same])])
+        if ious[j] > iou_threshold:
+            if difficult[j]:
+                return "ignored"
+            if not taken[j]:
+                taken[j] = True
+                return "correct"
+            return "duplicate"
+    best_same = float(ious[same].max()) if same.any() else 0.0
+    best_other = float(ious[~same].max()) if (~same).any() else 0.0
+    if best_other > iou_threshold:
+        return "confusion"
+    if best_same >= background_iou:
+        return "localisation"
+    if best_other >= background_iou:
+        return "confusion"
+    return "background"
 
 
 def format_error_breakdown(errors: Dict[str, Any]) -> List[str]:
@@ -387,6 +412,23 @@ def _eval_autocast(device: torch.device, amp: bool):
     return torch.autocast(device_type=device.type, dtype=autocast_dtype(device), enabled=bool(amp))
 
 
+def _kept_detections(out: TensorDict, max_detections: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """The valid, finite detections of one image (at most `max_detections`, the best-scoring),
+    on the CPU, and whether all valid ones were finite."""
+    boxes = out["boxes"].detach().float().cpu()
+    labels = out["labels"].detach().cpu().long()
+    scores = out["scores"].detach().float().cpu()
+    valid = labels >= 0
+    finite = torch.isfinite(scores) & torch.isfinite(boxes).all(dim=1)
+    all_finite = bool(finite[valid].all())
+    valid &= finite
+    boxes, labels, scores = boxes[valid], labels[valid], scores[valid]
+    if len(scores) > max_detections:
+        top = scores.argsort(descending=True)[:max_detections]
+        boxes, labels, scores = boxes[top], labels[top], scores[top]
+    return boxes, labels, scores, all_finite
+
+
 def collect_predictions(
     detector: nn.Module,
     dataset: Dataset,
@@ -432,19 +474,9 @@ def collect_predictions(
         for k, (index, path) in enumerate(zip(indices, paths)):
             b_index = base_indices[index]
             image_id = base.image_id(b_index) if hasattr(base, "image_id") else Path(path).stem
-            out = outputs[k]
-            boxes = out["boxes"].detach().float().cpu()
-            labels = out["labels"].detach().cpu().long()
-            scores = out["scores"].detach().float().cpu()
-            valid = labels >= 0
-            finite = torch.isfinite(scores) & torch.isfinite(boxes).all(dim=1)
-            if not bool(finite[valid].all()):  # a diverged model: drop, but say so
+            boxes, labels, scores, finite = _kept_detections(outputs[k], max_detections)
+            if not finite:  # a diverged model: drop, but say so
                 nonfinite_images.append(Path(path).name)
-            valid &= finite
-            boxes, labels, scores = boxes[valid], labels[valid], scores[valid]
-            if len(scores) > max_detections:
-                top = scores.argsort(descending=True)[:max_detections]
-                boxes, labels, scores = boxes[top], labels[top], scores[top]
             if can_map:
                 boxes = base.boxes_to_original(boxes, b_index)
                 ground_truths[image_id] = base.get_annotation(b_index)
@@ -461,6 +493,18 @@ def collect_predictions(
                       + ", ".join(nonfinite_images[:5]) + (" ..." if len(nonfinite_images) > 5 else "")
                       + ". The model has probably diverged.")
     return ground_truths, detections
+
+
+def _other_metric_map(result: Dict[str, Any], use_07_metric: bool, exact_tenths: bool) -> float:
+    """The mAP with the metric `use_07_metric` did not choose, from the same precision/recall
+    curves of `compute_voc_map` (no second matching pass)."""
+    other = {}
+    for cls, ap in result["per_class"].items():
+        curve = result["curves"][cls]
+        other[cls] = ap if math.isnan(ap) else voc_ap(np.asarray(curve["recall"]), np.asarray(curve["precision"]),
+                                                      not use_07_metric, exact_tenths=exact_tenths)
+    valid = [ap for ap in other.values() if not math.isnan(ap)]
+    return float(np.mean(valid)) if valid else float("nan")
 
 
 def evaluate_detector(
@@ -504,14 +548,7 @@ def evaluate_detector(
     class_names = _class_names_of(_unwrap_subset(dataset)[0])
     result = compute_voc_map(ground_truths, detections, class_names, iou_threshold, use_07_metric, return_curves=True,
                              exact_tenths=exact_tenths)
-    # The other metric from the same precision/recall curves (no second matching pass).
-    other = {}
-    for cls, ap in result["per_class"].items():
-        curve = result["curves"][cls]
-        other[cls] = ap if math.isnan(ap) else voc_ap(np.asarray(curve["recall"]), np.asarray(curve["precision"]),
-                                                      not use_07_metric, exact_tenths=exact_tenths)
-    valid = [ap for ap in other.values() if not math.isnan(ap)]
-    other_map = float(np.mean(valid)) if valid else float("nan")
+    other_map = _other_metric_map(result, use_07_metric, exact_tenths)
     result["ap_metric"] = AP_METRIC_NAMES[bool(use_07_metric)]
     result["mAP_11_point"] = result["mAP"] if use_07_metric else other_map
     result["mAP_all_point"] = other_map if use_07_metric else result["mAP"]

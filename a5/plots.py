@@ -39,6 +39,24 @@ def _as_batches(items: Iterable) -> Iterator[Tuple[List[None], Tuple[List[str], 
         yield [None] * len(paths), (list(paths), images, gt_boxes)
 
 
+def _write_detection_files(output_dir: Path, name: str, idx_to_class: Dict[int, str], boxes: torch.Tensor,
+                           labels: torch.Tensor, scores: torch.Tensor, gt: torch.Tensor, base: Optional[Dataset],
+                           b_index: Optional[int]) -> None:
+    """One image's `detection-results/<name>` and `ground-truth/<name>` (see `inference_with_detector`);
+    in original image pixels when `base` (the dataset) can map them back."""
+    if base is not None:
+        boxes_out = base.boxes_to_original(boxes, b_index)
+        gt_lines = [f"{c} {b[0]:.2f} {b[1]:.2f} {b[2]:.2f} {b[3]:.2f}" + (" difficult" if d else "")
+                    for c, b, d in base.get_annotation(b_index)]
+    else:
+        boxes_out = boxes
+        gt_lines = [f"{idx_to_class[int(b[4])]} {b[0]:.2f} {b[1]:.2f} {b[2]:.2f} {b[3]:.2f}" for b in gt.tolist()]
+    det_lines = [f"{idx_to_class[int(c)]} {s:.6f} {b[0]:.2f} {b[1]:.2f} {b[2]:.2f} {b[3]:.2f}"
+                 for b, c, s in zip(boxes_out.tolist(), labels.tolist(), scores.tolist())]
+    (output_dir / "ground-truth" / name).write_text("".join(line + "\n" for line in gt_lines))
+    (output_dir / "detection-results" / name).write_text("".join(line + "\n" for line in det_lines))
+
+
 def inference_with_detector(
     detector: nn.Module,
     test_loader: Iterable,
@@ -83,8 +101,7 @@ def inference_with_detector(
     else:
         can_map = False
     if output_dir is not None:
-        det_dir, gt_dir = Path(output_dir) / "detection-results", Path(output_dir) / "ground-truth"
-        for d in (det_dir, gt_dir):
+        for d in (Path(output_dir) / "detection-results", Path(output_dir) / "ground-truth"):
             if d.exists():
                 shutil.rmtree(d)
             d.mkdir(parents=True)
@@ -104,18 +121,8 @@ def inference_with_detector(
             scores = out["scores"][valid].detach().float().cpu()
             gt = gt_boxes[k][gt_boxes[k][:, 4] >= 0].cpu()
             if output_dir is not None:
-                name = Path(image_paths[k]).stem + ".txt"
-                if can_map:
-                    boxes_out = base.boxes_to_original(boxes, b_index)
-                    gt_lines = [f"{c} {b[0]:.2f} {b[1]:.2f} {b[2]:.2f} {b[3]:.2f}" + (" difficult" if d else "")
-                                for c, b, d in base.get_annotation(b_index)]
-                else:
-                    boxes_out = boxes
-                    gt_lines = [f"{idx_to_class[int(b[4])]} {b[0]:.2f} {b[1]:.2f} {b[2]:.2f} {b[3]:.2f}" for b in gt.tolist()]
-                det_lines = [f"{idx_to_class[int(c)]} {s:.6f} {b[0]:.2f} {b[1]:.2f} {b[2]:.2f} {b[3]:.2f}"
-                             for b, c, s in zip(boxes_out.tolist(), labels.tolist(), scores.tolist())]
-                (gt_dir / name).write_text("".join(line + "\n" for line in gt_lines))
-                (det_dir / name).write_text("".join(line + "\n" for line in det_lines))
+                _write_detection_files(Path(output_dir), Path(image_paths[k]).stem + ".txt", idx_to_class,
+                                       boxes, labels, scores, gt, base if can_map else None, b_index)
             else:
                 image = unnormalize_image(images[k].float().cpu())
                 pred = torch.cat([boxes, labels[:, None].float(), scores[:, None]], dim=1)
@@ -303,6 +310,31 @@ def detection_visualizer(
     return _finish_figure(fig, save_path, "detections")
 
 
+def _draw_boxes(ax, idx_to_class: Dict[int, str], pred_rows: List[list], gt_rows: List[list],
+                ) -> List[Tuple[Sequence[float], str, Sequence[float]]]:
+    """Draw the boxes (predictions solid, ground truth dashed; a colour per class) and return
+    the labels to place: (box, text, colour)."""
+    from matplotlib.patches import Rectangle
+
+    labels: List[Tuple[Sequence[float], str, Sequence[float]]] = []
+    neutral = (0.9, 0.1, 0.1)  # boxes without a class
+    for is_pred, boxes in ((True, pred_rows), (False, gt_rows)):
+        for b in boxes:
+            x0, y0, x1, y1 = b[:4]
+            has_class = len(b) > 4 and b[4] >= 0
+            color = class_color(int(b[4])) if has_class else neutral
+            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=color,
+                                   linewidth=2.5 if is_pred else 2, linestyle="-" if is_pred else (0, (4, 2))))
+            if has_class:
+                text = idx_to_class.get(int(b[4]), str(int(b[4])))
+                if is_pred and len(b) > 5:
+                    text += f" {b[5]:.2f}"
+                elif not is_pred and pred_rows:
+                    text = "gt " + text
+                labels.append(((x0, y0, x1, y1), text, color))
+    return labels
+
+
 def draw_detections(
     ax,
     img: Union[torch.Tensor, np.ndarray, Image.Image],
@@ -328,8 +360,6 @@ def draw_detections(
     Returns: {"drawn": predictions drawn, "hidden": predictions filtered out,
         "labels": label rectangles in display pixels (None for labels left out)}.
     """
-    from matplotlib.patches import Rectangle
-
     if isinstance(img, torch.Tensor):
         img = (img.detach().float().cpu() * 255).permute(1, 2, 0).numpy()
     ax.axis("off")
@@ -352,22 +382,7 @@ def draw_detections(
             pred_rows = [b for b in pred_rows if b[5] >= score_thresh]
     if max_boxes is not None:
         pred_rows = pred_rows[: max(int(max_boxes), 0)]
-    labels: List[Tuple[Sequence[float], str, Sequence[float]]] = []
-    neutral = (0.9, 0.1, 0.1)  # boxes without a class
-    for is_pred, boxes in ((True, pred_rows), (False, gt_rows)):
-        for b in boxes:
-            x0, y0, x1, y1 = b[:4]
-            has_class = len(b) > 4 and b[4] >= 0
-            color = class_color(int(b[4])) if has_class else neutral
-            ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=color,
-                                   linewidth=2.5 if is_pred else 2, linestyle="-" if is_pred else (0, (4, 2))))
-            if has_class:
-                text = idx_to_class.get(int(b[4]), str(int(b[4])))
-                if is_pred and len(b) > 5:
-                    text += f" {b[5]:.2f}"
-                elif not is_pred and pred_rows:
-                    text = "gt " + text
-                labels.append(((x0, y0, x1, y1), text, color))
+    labels = _draw_boxes(ax, idx_to_class, pred_rows, gt_rows)
     rects = _place_labels(ax, labels, fontsize=fontsize) if labels else []
     return {"drawn": len(pred_rows), "hidden": total - len(pred_rows), "labels": rects}
 
