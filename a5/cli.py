@@ -131,7 +131,6 @@ def _first_n(dataset: Dataset, n: Optional[int]) -> Dataset:
     return Subset(dataset, list(range(min(n, len(dataset))))) if n else dataset
 
 
-
 def _write_eval_outputs(metrics: Dict[str, Any], out: Path, history: Optional[Dict[str, list]] = None) -> None:
     if history and history.get("total_loss"):
         plot_loss_history(history, save_path=out / "loss_curve.png")

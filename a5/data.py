@@ -55,7 +55,6 @@ expected layout under the data folder (VOC_ROOT):
   and/or the course split files voc07_{train,val}.json (paths prefixed ./here/)"""
 
 
-
 # ======================================================================================
 # Data: transforms
 # ======================================================================================

@@ -18,7 +18,6 @@ PathLike = Union[str, os.PathLike]
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-
 def hello_helper() -> None:
     print("Hello from a5_helper.py!")
 
@@ -147,7 +146,6 @@ def move_to_device(obj: Any, device: Union[str, torch.device], dtype: Optional[t
     if isinstance(obj, (list, tuple)):
         return type(obj)(move_to_device(v, device, dtype) for v in obj)
     return obj
-
 
 
 def _setup_torch_home() -> None:
