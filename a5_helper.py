@@ -44,8 +44,8 @@ from a5.data import (  # noqa: F401
     VOC_CLASSES, IMAGENET_MEAN, IMAGENET_STD, VOC2007_DOWNLOAD, EXPECTED_LAYOUT, Window, _MEAN_255,
     _INV_STD_255, open_image, render_image, transform_boxes, boxes_to_original,
     sample_train_window, load_image_for_inference, _find_voc_root, parse_voc_xml,
-    VOC2007DetectionTiny, infinite_loader, _unwrap_subset, _eval_view, _md5, _reachable,
-    download_voc2007,
+    VOC2007DetectionTiny, infinite_loader, MapsBoxesToOriginal, _unwrap_subset, _eval_view, _md5,
+    _reachable, download_voc2007,
 )
 from a5.cache import (  # noqa: F401
     FEATURE_LEVELS, _CACHE_VERSION, _CACHE_FILES, _file_crc32, _image_fingerprints,

@@ -14,7 +14,7 @@ import urllib.request
 import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Protocol, Tuple, runtime_checkable
 
 import numpy as np
 import torch
@@ -501,6 +501,17 @@ def infinite_loader(loader: Iterable) -> Iterator:
     """Get an infinite stream of batches from a data loader."""
     while True:
         yield from loader
+
+
+@runtime_checkable
+class MapsBoxesToOriginal(Protocol):
+    """A dataset that can map predictions back to original image pixels and list every
+    annotated object there (`VOC2007DetectionTiny`); evaluation and `inference_with_detector`
+    then work in original pixels, otherwise in network-input pixels."""
+
+    def get_annotation(self, index: int) -> List[Tuple[str, List[float], bool]]: ...
+
+    def boxes_to_original(self, boxes: torch.Tensor, index: int) -> torch.Tensor: ...
 
 
 def _unwrap_subset(dataset: Dataset) -> Tuple[Dataset, List[int]]:

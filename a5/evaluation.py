@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from a5.utils import TensorDict, autocast_dtype, resolve_device
 from a5.progress import ProgressReporter, _progress_mode, plural
-from a5.data import VOC_CLASSES, _eval_view, _unwrap_subset
+from a5.data import MapsBoxesToOriginal, VOC_CLASSES, _eval_view, _unwrap_subset
 
 
 # ======================================================================================
@@ -460,7 +460,7 @@ def collect_predictions(
     base, base_indices = _unwrap_subset(dataset)
     if class_names is None:
         class_names = _class_names_of(base)
-    can_map = hasattr(base, "boxes_to_original") and hasattr(base, "get_annotation")
+    can_map = isinstance(base, MapsBoxesToOriginal)
     was_training = detector.training
     detector.to(device=device, dtype=dtype).eval()
     ground_truths: GroundTruths = {}

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from a5.utils import PathLike, move_to_device, resolve_device
 from a5.progress import plural
-from a5.data import IMAGENET_MEAN, IMAGENET_STD, _eval_view, _unwrap_subset
+from a5.data import MapsBoxesToOriginal, IMAGENET_MEAN, IMAGENET_STD, _eval_view, _unwrap_subset
 from a5.evaluation import ERROR_KINDS, _indexed_loader, predict_batch
 
 
@@ -99,7 +99,7 @@ def inference_with_detector(
     if use_dataset:
         dataset = _eval_view(test_loader.dataset)
         base, base_indices = _unwrap_subset(dataset)
-        can_map = hasattr(base, "boxes_to_original") and hasattr(base, "get_annotation")
+        can_map = isinstance(base, MapsBoxesToOriginal)
     else:
         can_map = False
     if output_dir is not None:
