@@ -3,7 +3,7 @@ messages, the error breakdown and the pictures (colours per class, labels that d
 overlap, tick labels that do not collide).
 
 Everything runs on the tiny generated VOC data and stand-in detectors of
-test_a5_helper.py; nothing here needs the real data, and nothing asserts wall-clock
+helpers.py; nothing here needs the real data, and nothing asserts wall-clock
 times (progress tests drive an injected clock).
 """
 from __future__ import annotations
@@ -19,29 +19,11 @@ import numpy as np
 import pytest
 import torch
 
+import a5.plots
 import a5_helper as h
-from test_a5_helper import TinyDetector, make_tiny_voc
+from helpers import TinyDetector, one_thread, tiny_builder, tiny_voc  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.part("provided")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_voc(tmp_path_factory) -> Path:
-    return make_tiny_voc(tmp_path_factory.mktemp("tiny_voc_out"))
-
-
-@pytest.fixture
-def tiny_builder(monkeypatch):
-    monkeypatch.setitem(h.DETECTOR_BUILDERS, "tiny", lambda **kw: TinyDetector(
-        num_classes=kw.get("num_classes", 20), freeze_backbone=kw.get("freeze_backbone", False)))
 
 
 class FakeClock:
@@ -122,7 +104,7 @@ def test_progress_off_and_bar_modes(capsys):
 
 def test_train_detector_logs_lines_without_carriage_returns(monkeypatch, capsys):
     monkeypatch.setenv("A5_PROGRESS_SECONDS", "0")
-    from test_a5_helper import SyntheticDataset
+    from helpers import SyntheticDataset
 
     det = TinyDetector(dropout=0.0)
     loader = torch.utils.data.DataLoader(SyntheticDataset(8), batch_size=2)
@@ -191,7 +173,7 @@ def test_plural():
 
 
 def test_messages_name_the_python_argument_or_the_flag(capsys):
-    from test_a5_helper import SyntheticDataset
+    from helpers import SyntheticDataset
 
     loader = torch.utils.data.DataLoader(SyntheticDataset(4), batch_size=2)
     h.train_detector(TinyDetector(dropout=0.0), loader, max_iters=1, progress="off", amp=True, seed=0)
@@ -375,7 +357,7 @@ def _capture_figures(monkeypatch):
         figures.append(fig)
         return None
 
-    monkeypatch.setattr(h, "_finish_figure", finish)
+    monkeypatch.setattr(a5.plots, "_finish_figure", finish)
     return figures
 
 

@@ -482,7 +482,7 @@ def test_inference_with_detector_shows_a_generator_of_batches(course, tiny_val, 
     monkeypatch.setenv("A5_PLOT_DIR", str(tmp_path))
     pictures = []
     monkeypatch.setattr(
-        sys.modules["a5_helper"], "detection_visualizer",
+        sys.modules["a5.plots"], "detection_visualizer",
         lambda image, idx_to_class, bbox=None, pred=None, points=None: pictures.append((image.shape, pred.shape)),
     )
     loader = DataLoader(tiny_val, batch_size=2)

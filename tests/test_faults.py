@@ -19,17 +19,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
 import a5_helper as h
-from test_a5_helper import TinyDetector, _write_xml, make_tiny_voc
+from helpers import TinyDetector, _write_xml, make_tiny_voc, one_thread, tiny_builder  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.part("provided")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -197,12 +189,6 @@ def test_checkpoints_rotate_and_a_new_run_does_not_touch_old_ones(tmp_path):
 # --------------------------------------------------------------------------------------
 # Command line: every number is checked by argparse, with the option's name
 # --------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def tiny_builder(monkeypatch):
-    monkeypatch.setitem(h.DETECTOR_BUILDERS, "tiny", lambda **kw: TinyDetector(
-        num_classes=kw.get("num_classes", 20), freeze_backbone=kw.get("freeze_backbone", False)))
 
 
 def _common(voc):
@@ -478,7 +464,7 @@ class GroundTruthOracle(torch.nn.Module):
 
 
 def _rewrite_val_xml(voc, image_id, extra_objs=(), size_scale=1):
-    from test_a5_helper import N_TRAIN, _image_spec
+    from helpers import N_TRAIN, _image_spec
 
     W, H, objs = _image_spec(int(image_id))
     assert int(image_id) > N_TRAIN
@@ -510,7 +496,7 @@ def test_image_size_comes_from_the_image_with_a_warning(tiny_voc):
     _rewrite_val_xml(tiny_voc, "000008", size_scale=2)  # <size> twice the real image
     with pytest.warns(UserWarning, match=r"000008\.jpg \(annotation \d+x\d+, image \d+x\d+\)"):
         ds = h.VOC2007DetectionTiny(tiny_voc, "val", image_size=64)
-    from test_a5_helper import _image_spec
+    from helpers import _image_spec
 
     W, H, _ = _image_spec(8)
     assert ds.original_size(1) == (W, H)
