@@ -49,8 +49,9 @@ NOTEBOOKS = ("fcos.ipynb", "faster_rcnn.ipynb")
 VERBATIM = ("requirements.txt", "conftest.py", ".gitignore")
 # Folders copied as they are (packages of provided code, the public tests).
 VERBATIM_DIRS = ("a5", "compat", "tests")
-# Instructor-only material inside the copied folders.
-EXCLUDED = ("instructor", "hidden")
+# Instructor-only material inside the copied folders: the hidden tests, the instructor
+# tests, and the tests of the reference's own notebooks (recorded outputs) and benchmarks.
+EXCLUDED = ("instructor", "hidden", "test_notebooks.py", "test_benchmarks.py")
 STUDENT_README = Path("docs") / "STUDENT_README.md"
 # The release's pytest.ini: the unit tests only; the notebooks are run on demand.
 STUDENT_PYTEST_INI = """[pytest]
