@@ -338,7 +338,16 @@ def rcnn_match_anchors_to_gt(
         matched = gt.new_full((num_images, num_anchors, 5), -1.0)
         return matched if batched else matched[0]
 
-    ious = torch.stack([iou(anchors[b], gt[b, :, :4]) for b in range(num_images)])  # (B, A, N)
+    # One call of your 2-D `iou` for the whole batch: every anchor against every GT box of
+    # every image, then each image's block (shared anchors: a reshape; per-image anchors:
+    # the diagonal blocks).
+    all_gt = gt[..., :4].reshape(-1, 4)  # (B * N, 4)
+    if anchor_boxes.dim() == 2:
+        ious = iou(anchor_boxes, all_gt).view(num_anchors, num_images, -1).transpose(0, 1)  # (B, A, N)
+    else:
+        blocks = iou(anchors.reshape(-1, 4), all_gt).view(num_images, num_anchors, num_images, -1)
+        image = torch.arange(num_images, device=blocks.device)
+        ious = blocks[image, :, image]  # (B, A, N)
     ious = ious.masked_fill(gt[:, None, :, 4] == -1, -1.0)  # padding rows never match
     matched_idx, state = rcnn_match_by_threshold(ious, iou_thresholds)
     if allow_low_quality_matches:

@@ -104,13 +104,10 @@ def make_tiny_voc(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
+def one_thread(single_thread):
     """These tests use tiny tensors: torch's intra-op threads only add latency (a lot on a
-    busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    busy 2-core machine). ``single_thread`` (tests/conftest.py) does the work."""
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
