@@ -275,7 +275,7 @@ def build_feature_cache(
 
     Returns: a CachedFeatureDataset.
     """
-    # Long: the docstring documents every argument (the reference); the code is 29 lines.
+    # Long: the docstring documents every argument (the reference); the code is 30 lines.
     fpn_backbone = _backbone_of(backbone)
     base, base_indices = _unwrap_subset(dataset)
     variants = list(variants)
