@@ -721,6 +721,7 @@ def fcos_match_locations_to_gt(
         ``(H*W, 5)`` (or ``(B, H*W, 5)`` for batched ``gt_boxes``); background
         locations get a row of ``-1``.
     """
+    # Long: the docstring states every argument's shape (the course style); the code is 30 lines.
     level_names = list(locations_per_fpn_level.keys())
     is_batched = gt_boxes.dim() == 3
     gt = gt_boxes if is_batched else gt_boxes.unsqueeze(0)  # (B, N, 5)
@@ -1245,6 +1246,7 @@ class FCOS(nn.Module):
                 losses drift for the first few dozen iterations).
             normalizer_momentum: EMA momentum (weight of the old value).
         """
+        # Long: the course's arguments then one keyword per option, each documented; the code is 19 lines.
         super().__init__()
         if box_loss not in ("giou", "l1"):
             raise ValueError(f"box_loss must be 'giou' or 'l1', got '{box_loss}'.")
@@ -1400,6 +1402,7 @@ class FCOS(nn.Module):
             locations divided by the normaliser; "loss_ctr" is the centerness
             cross-entropy minus its floor, the entropy of the targets (see below).
         """
+        # Long: the docstring states every argument's shape (the course style); the code is 46 lines.
         strides_per_fpn_level = self.backbone.fpn_strides
         matched_per_level = fcos_match_locations_to_gt(
             locations_per_fpn_level, strides_per_fpn_level, gt_boxes, self.center_sampling_radius

@@ -611,6 +611,7 @@ def multiscale_roi_align(
     Returns:
         ``(K, C, h, w)`` pooled features.
     """
+    # Long: the docstring states every argument's shape (the course style); the code is 26 lines.
     level_names = list(feats_per_fpn_level.keys())
     level_ids = [int(name[1:]) for name in level_names]
     levels = assign_fpn_levels(boxes, level_ids)
@@ -788,6 +789,7 @@ class RPN(nn.Module):
             ``"loss_rpn_box"`` (L1 loss of the deltas of the sampled foreground
             anchors), both normalised by ``batch_size_per_image * B``.
         """
+        # Long: the docstring states every argument's shape (the course style); the code is 45 lines.
         p3 = feats_per_fpn_level["p3"]
         num_images = p3.shape[0]
         if image_size is None:
@@ -966,6 +968,7 @@ class FasterRCNN(nn.Module):
             test_score_thresh: Default score threshold at inference.
             test_nms_thresh: Default NMS IoU threshold at inference.
         """
+        # Long: the course's arguments then one keyword per option, each documented; the code is 39 lines.
         super().__init__()
         self.backbone = backbone
         self.rpn = rpn
@@ -1217,6 +1220,7 @@ class FasterRCNN(nn.Module):
             XYXY boxes, 0-based classes (never background) and softmax scores, by
             decreasing score, as ``forward`` in eval mode.
         """
+        # Long: the docstring states every argument's shape (the course style); the code is 43 lines.
         if isinstance(proposals, dict):
             per_level = [level_props[0] for level_props in proposals.values() if len(level_props) > 0]
             rois = torch.cat(per_level, dim=0) if per_level else torch.zeros(0, 4)

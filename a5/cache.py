@@ -90,6 +90,24 @@ class CacheableBackbone(Protocol):
     def extract_features(self, images: torch.Tensor) -> TensorDict: ...
 
 
+@runtime_checkable
+class RendersVariants(Protocol):
+    """A dataset that renders each image in named versions, deterministically:
+    `get_variant(index, variant, seed) -> (path, image, gt)` for "orig", "flip" and
+    "jitter<k>" (`VOC2007DetectionTiny`); a feature cache stores these."""
+
+    def get_variant(self, index: int, variant: str, seed: int = 0) -> Tuple[str, torch.Tensor, torch.Tensor]: ...
+
+
+@runtime_checkable
+class ListsImageFiles(Protocol):
+    """A dataset whose `instances[i][0]` is the path of image `i`'s file
+    (`VOC2007DetectionTiny`); a cache on disk then notices an image replaced under the
+    same name. Other datasets' images are named by their index."""
+
+    instances: List[Tuple[str, Any]]
+
+
 # The state-dict prefixes of the layers a CacheableBackbone trains on top of the cached
 # features: DetectorBackboneWithFPN's FPN (fcos.py).
 TRAINED_PREFIXES = ("fpn_params.",)
@@ -218,8 +236,6 @@ def _cache_key(backbone: nn.Module, dataset: Dataset, base_indices: List[int], v
     }
 
 
-# Over 60 lines only because of its docstring (the reference for its arguments): the
-# signature and the code are 43 lines.
 def build_feature_cache(
     backbone: nn.Module,
     dataset: Dataset,
@@ -259,12 +275,13 @@ def build_feature_cache(
 
     Returns: a CachedFeatureDataset.
     """
+    # Long: the docstring documents every argument (the reference); the code is 30 lines.
     fpn_backbone = _backbone_of(backbone)
     base, base_indices = _unwrap_subset(dataset)
     variants = list(variants)
     _check_cache_args(fpn_backbone, base, variants, storage_dtype, on_mismatch)
     N, V = len(base_indices), len(variants)
-    paths = [base.instances[i][0] for i in base_indices] if hasattr(base, "instances") else [str(i) for i in base_indices]
+    paths = _image_paths(base, base_indices)
 
     cache_path = Path(cache_dir) if cache_dir is not None else None
     meta = _read_meta(cache_path)
@@ -291,6 +308,13 @@ def build_feature_cache(
     return CachedFeatureDataset(store, gt_all, paths, variants, meta)
 
 
+def _image_paths(base: Dataset, base_indices: List[int]) -> List[str]:
+    """The file of each cached image (its index, as text, when the dataset lists no files)."""
+    if isinstance(base, ListsImageFiles):
+        return [base.instances[i][0] for i in base_indices]
+    return [str(i) for i in base_indices]
+
+
 def _check_cache_args(fpn_backbone: CacheableBackbone, base: Dataset, variants: List[str],
                       storage_dtype: torch.dtype, on_mismatch: str) -> None:
     inner = getattr(fpn_backbone, "backbone", None)
@@ -304,7 +328,7 @@ def _check_cache_args(fpn_backbone: CacheableBackbone, base: Dataset, variants: 
         raise ValueError("storage_dtype must be torch.float16 or torch.float32")
     if on_mismatch not in ("rebuild", "error"):
         raise ValueError("on_mismatch must be 'rebuild' or 'error'")
-    if not hasattr(base, "get_variant"):
+    if not isinstance(base, RendersVariants):
         raise TypeError("dataset must provide get_variant(index, variant) (VOC2007DetectionTiny does)")
     if not variants:
         raise ValueError("variants must name at least one of 'orig', 'flip', 'jitter<k>'")

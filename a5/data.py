@@ -514,6 +514,32 @@ class MapsBoxesToOriginal(Protocol):
     def boxes_to_original(self, boxes: torch.Tensor, index: int) -> torch.Tensor: ...
 
 
+@runtime_checkable
+class NamesClasses(Protocol):
+    """A dataset that names its classes: `idx_to_class[i]` is the name of class `i`
+    (`VOC2007DetectionTiny`); evaluation otherwise assumes the 20 VOC classes."""
+
+    idx_to_class: Dict[int, str]
+
+
+@runtime_checkable
+class NamesImages(Protocol):
+    """A dataset that names each image (`image_id(index)`, e.g. VOC's "000005"); evaluation
+    otherwise names an image by its file's stem."""
+
+    def image_id(self, index: int) -> str: ...
+
+
+@runtime_checkable
+class HasEvalTransform(Protocol):
+    """A dataset that may augment its items (`augment`) and can give a copy of itself with
+    the evaluation transform (`eval_copy()`, `VOC2007DetectionTiny`)."""
+
+    augment: bool
+
+    def eval_copy(self) -> Dataset: ...
+
+
 def _unwrap_subset(dataset: Dataset) -> Tuple[Dataset, List[int]]:
     """For (nested) `Subset`s return the base dataset and the base index of each item."""
     indices = list(range(len(dataset)))
@@ -527,7 +553,7 @@ def _eval_view(dataset: Dataset) -> Dataset:
     """The same items with the evaluation transform (unwrapping / rewrapping Subsets)."""
     if isinstance(dataset, Subset):
         return Subset(_eval_view(dataset.dataset), dataset.indices)
-    if getattr(dataset, "augment", False) and hasattr(dataset, "eval_copy"):
+    if isinstance(dataset, HasEvalTransform) and dataset.augment:
         return dataset.eval_copy()
     return dataset
 

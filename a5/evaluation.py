@@ -9,7 +9,7 @@ import math
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from a5.utils import TensorDict, autocast_dtype, resolve_device
 from a5.progress import ProgressReporter, _progress_mode, plural
-from a5.data import MapsBoxesToOriginal, VOC_CLASSES, _eval_view, _unwrap_subset
+from a5.data import MapsBoxesToOriginal, NamesClasses, NamesImages, VOC_CLASSES, _eval_view, _unwrap_subset
 
 
 # ======================================================================================
@@ -358,7 +358,8 @@ def format_error_breakdown(errors: Dict[str, Any]) -> List[str]:
 
 
 def _class_names_of(dataset: Dataset) -> List[str]:
-    if hasattr(dataset, "idx_to_class"):
+    """The class names of `dataset` in class-index order (the VOC classes when it names none)."""
+    if isinstance(dataset, NamesClasses):
         return [dataset.idx_to_class[i] for i in sorted(dataset.idx_to_class)]
     return list(VOC_CLASSES)
 
@@ -390,6 +391,15 @@ def _indexed_loader(dataset: Dataset, batch_size: int, num_workers: int, collate
                       collate_fn=_IndexedCollate(collate))
 
 
+@runtime_checkable
+class BatchPredictor(Protocol):
+    """A detector with batched inference (`FCOS`, `FasterRCNN`):
+    `predict(images, score_thresh, nms_thresh) -> [{"boxes", "labels", "scores"}, ...]`,
+    one dict per image. Detectors of the course interface have no `predict`."""
+
+    def predict(self, images: torch.Tensor, score_thresh: float, nms_thresh: float) -> List[TensorDict]: ...
+
+
 @torch.no_grad()
 def predict_batch(detector: nn.Module, images: torch.Tensor, score_thresh: float, nms_thresh: float) -> List[TensorDict]:
     """`[{"boxes": (N, 4), "labels": (N,), "scores": (N,)}, ...]` for a batch of images.
@@ -397,7 +407,7 @@ def predict_batch(detector: nn.Module, images: torch.Tensor, score_thresh: float
     Uses `detector.predict` (batched) when available, else the course interface
     `detector(image[None], test_score_thresh=..., test_nms_thresh=...)` per image.
     """
-    if hasattr(detector, "predict"):
+    if isinstance(detector, BatchPredictor):
         return detector.predict(images, score_thresh=score_thresh, nms_thresh=nms_thresh)
     outputs = []
     for image in images:
@@ -429,8 +439,33 @@ def _kept_detections(out: TensorDict, max_detections: int) -> Tuple[torch.Tensor
     return boxes, labels, scores, all_finite
 
 
-# Over 60 lines only because of its docstring (the reference for its arguments): the
-# signature and the code are 54 lines.
+def _image_results(base: Dataset, b_index: int, path: str, out: TensorDict, gt_boxes: torch.Tensor,
+                   class_names: Sequence[str], max_detections: int
+                   ) -> Tuple[str, List[Tuple[str, Sequence[float], bool]], Detections, bool]:
+    """One image's id, ground truth and detections in the format of `compute_voc_map`
+    (original pixels when `base` can map boxes back, else network-input pixels with the
+    ground truth of the batch), and whether all its valid detections were finite."""
+    image_id = base.image_id(b_index) if isinstance(base, NamesImages) else Path(path).stem
+    boxes, labels, scores, finite = _kept_detections(out, max_detections)
+    if isinstance(base, MapsBoxesToOriginal):
+        boxes = base.boxes_to_original(boxes, b_index)
+        truths = base.get_annotation(b_index)
+    else:
+        g = gt_boxes[gt_boxes[:, 4] >= 0]
+        truths = [(class_names[int(r[4])], r[:4].tolist(), False) for r in g]
+    detections = [(image_id, class_names[label], score, box)
+                  for box, label, score in zip(boxes.tolist(), labels.tolist(), scores.tolist())]
+    return image_id, truths, detections, finite
+
+
+def _warn_nonfinite(image_names: List[str]) -> None:
+    """Says which images had NaN / infinite detections (dropped): the model has diverged."""
+    if image_names:
+        warnings.warn(f"Dropped NaN / infinite detections (boxes or scores) in {len(image_names)} images: "
+                      + ", ".join(image_names[:5]) + (" ..." if len(image_names) > 5 else "")
+                      + ". The model has probably diverged.")
+
+
 def collect_predictions(
     detector: nn.Module,
     dataset: Dataset,
@@ -460,7 +495,6 @@ def collect_predictions(
     base, base_indices = _unwrap_subset(dataset)
     if class_names is None:
         class_names = _class_names_of(base)
-    can_map = isinstance(base, MapsBoxesToOriginal)
     was_training = detector.training
     detector.to(device=device, dtype=dtype).eval()
     ground_truths: GroundTruths = {}
@@ -474,26 +508,16 @@ def collect_predictions(
         with _eval_autocast(device, amp):
             outputs = predict_batch(detector, images, score_thresh, nms_thresh)
         for k, (index, path) in enumerate(zip(indices, paths)):
-            b_index = base_indices[index]
-            image_id = base.image_id(b_index) if hasattr(base, "image_id") else Path(path).stem
-            boxes, labels, scores, finite = _kept_detections(outputs[k], max_detections)
+            image_id, truths, found, finite = _image_results(base, base_indices[index], path, outputs[k],
+                                                             gt_boxes[k], class_names, max_detections)
             if not finite:  # a diverged model: drop, but say so
                 nonfinite_images.append(Path(path).name)
-            if can_map:
-                boxes = base.boxes_to_original(boxes, b_index)
-                ground_truths[image_id] = base.get_annotation(b_index)
-            else:
-                g = gt_boxes[k][gt_boxes[k][:, 4] >= 0]
-                ground_truths[image_id] = [(class_names[int(r[4])], r[:4].tolist(), False) for r in g]
-            for box, label, score in zip(boxes.tolist(), labels.tolist(), scores.tolist()):
-                detections.append((image_id, class_names[label], score, box))
+            ground_truths[image_id] = truths
+            detections.extend(found)
         bar.update(len(indices))
     bar.close()
     detector.train(was_training)
-    if nonfinite_images:
-        warnings.warn(f"Dropped NaN / infinite detections (boxes or scores) in {len(nonfinite_images)} images: "
-                      + ", ".join(nonfinite_images[:5]) + (" ..." if len(nonfinite_images) > 5 else "")
-                      + ". The model has probably diverged.")
+    _warn_nonfinite(nonfinite_images)
     return ground_truths, detections
 
 

@@ -450,6 +450,63 @@ def nms_topk_per_image(
     return survivors
 
 
+def _roi_sample_positions(rois: torch.Tensor, spatial_scale: float, pooled_h: int, pooled_w: int,
+                          sampling_ratio: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Feature-map coordinates of the bilinear samples of every bin, a separable grid:
+    rows ``(K, PH, s)`` and columns ``(K, PW, s)`` (``rois`` in the gradient's dtype)."""
+    dtype, device = rois.dtype, rois.device
+    start_x = rois[:, 1] * spatial_scale - 0.5  # aligned=True: pixel centres at +0.5
+    start_y = rois[:, 2] * spatial_scale - 0.5
+    bin_w = (rois[:, 3] - rois[:, 1]) * spatial_scale / pooled_w
+    bin_h = (rois[:, 4] - rois[:, 2]) * spatial_scale / pooled_h
+    offsets = (torch.arange(sampling_ratio, dtype=dtype, device=device) + 0.5) / sampling_ratio
+    grid_y = torch.arange(pooled_h, dtype=dtype, device=device)[:, None] + offsets  # (PH, s)
+    grid_x = torch.arange(pooled_w, dtype=dtype, device=device)[:, None] + offsets  # (PW, s)
+    ys = start_y[:, None, None] + grid_y * bin_h[:, None, None]
+    xs = start_x[:, None, None] + grid_x * bin_w[:, None, None]
+    return ys, xs
+
+
+def _bilinear_neighbours(coords: torch.Tensor, size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Indices and weights ``(..., 2)`` of the two cells a coordinate interpolates, as in
+    torchvision's kernel (more than one cell outside the map: weight 0; on the border:
+    clamped)."""
+    dtype = coords.dtype
+    inside = ((coords >= -1.0) & (coords <= size)).to(dtype)
+    coords = coords.clamp(min=0)
+    low = coords.floor().long().clamp(max=size - 1)
+    at_end = low >= size - 1
+    high = torch.where(at_end, low, low + 1)
+    frac = torch.where(at_end, torch.zeros_like(coords), coords - low.to(dtype)) * inside
+    return torch.stack([low, high], dim=-1), torch.stack([inside - frac, frac], dim=-1)
+
+
+def _roi_align_matrix(rois: torch.Tensor, input_shape: torch.Size, pooled_h: int, pooled_w: int,
+                      spatial_scale: float, sampling_ratio: int) -> torch.Tensor:
+    """The sparse ``(B * H * W, K * PH * PW)`` matrix ``M^T`` of roi_align (aligned=True):
+    column ``b`` holds the weights of the cells that bin ``b`` averages."""
+    num_images, _, height, width = input_shape
+    num_rois = rois.shape[0]
+    batch_idx = rois[:, 0].long()
+    ys, xs = _roi_sample_positions(rois, spatial_scale, pooled_h, pooled_w, sampling_ratio)
+    y_idx, y_w = _bilinear_neighbours(ys, height)  # (K, PH, s, 2)
+    x_idx, x_w = _bilinear_neighbours(xs, width)  # (K, PW, s, 2)
+    # Outer product over (bin row, bin column, sample row, sample column, 2 rows, 2 columns).
+    y_idx, y_w = y_idx[:, :, None, :, None, :, None], y_w[:, :, None, :, None, :, None]
+    x_idx, x_w = x_idx[:, None, :, None, :, None, :], x_w[:, None, :, None, :, None, :]
+    cells = (batch_idx[:, None, None, None, None, None, None] * height + y_idx) * width + x_idx
+    weights = y_w * (x_w / (sampling_ratio * sampling_ratio))
+    num_bins = num_rois * pooled_h * pooled_w
+    entries_per_bin = 4 * sampling_ratio * sampling_ratio  # samples x neighbours
+    bins = torch.arange(num_bins, device=rois.device)[:, None].expand(num_bins, entries_per_bin)
+    return torch.sparse_coo_tensor(
+        torch.stack([cells.reshape(-1), bins.reshape(-1)]),
+        weights.reshape(-1),
+        (num_images * height * width, num_bins),
+        check_invariants=False,
+    )
+
+
 def _roi_align_input_grad(
     grad_output: torch.Tensor,
     rois: torch.Tensor,
@@ -474,47 +531,9 @@ def _roi_align_input_grad(
     """
     num_images, channels, height, width = input_shape
     num_rois, _, pooled_h, pooled_w = grad_output.shape
-    dtype, device = grad_output.dtype, grad_output.device
-    rois = rois.to(dtype)
-    batch_idx = rois[:, 0].long()
-    start_x = rois[:, 1] * spatial_scale - 0.5  # aligned=True: pixel centres at +0.5
-    start_y = rois[:, 2] * spatial_scale - 0.5
-    bin_w = (rois[:, 3] - rois[:, 1]) * spatial_scale / pooled_w
-    bin_h = (rois[:, 4] - rois[:, 2]) * spatial_scale / pooled_h
-    # Sample positions are a separable grid: (K, PH, s) rows and (K, PW, s) columns.
-    offsets = (torch.arange(sampling_ratio, dtype=dtype, device=device) + 0.5) / sampling_ratio
-    grid_y = torch.arange(pooled_h, dtype=dtype, device=device)[:, None] + offsets  # (PH, s)
-    grid_x = torch.arange(pooled_w, dtype=dtype, device=device)[:, None] + offsets  # (PW, s)
-    ys = start_y[:, None, None] + grid_y * bin_h[:, None, None]
-    xs = start_x[:, None, None] + grid_x * bin_w[:, None, None]
-
-    def neighbours(coords: torch.Tensor, size: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        # Indices and weights (..., 2) of the two cells a coordinate interpolates.
-        inside = ((coords >= -1.0) & (coords <= size)).to(dtype)
-        coords = coords.clamp(min=0)
-        low = coords.floor().long().clamp(max=size - 1)
-        at_end = low >= size - 1
-        high = torch.where(at_end, low, low + 1)
-        frac = torch.where(at_end, torch.zeros_like(coords), coords - low.to(dtype)) * inside
-        return torch.stack([low, high], dim=-1), torch.stack([inside - frac, frac], dim=-1)
-
-    y_idx, y_w = neighbours(ys, height)  # (K, PH, s, 2)
-    x_idx, x_w = neighbours(xs, width)  # (K, PW, s, 2)
-    # Outer product over (bin row, bin column, sample row, sample column, 2 rows, 2 columns).
-    y_idx, y_w = y_idx[:, :, None, :, None, :, None], y_w[:, :, None, :, None, :, None]
-    x_idx, x_w = x_idx[:, None, :, None, :, None, :], x_w[:, None, :, None, :, None, :]
-    cells = (batch_idx[:, None, None, None, None, None, None] * height + y_idx) * width + x_idx
-    weights = y_w * (x_w / (sampling_ratio * sampling_ratio))
-    num_bins = num_rois * pooled_h * pooled_w
-    entries_per_bin = 4 * sampling_ratio * sampling_ratio  # samples x neighbours
-    bins = torch.arange(num_bins, device=device)[:, None].expand(num_bins, entries_per_bin)
-    matrix = torch.sparse_coo_tensor(
-        torch.stack([cells.reshape(-1), bins.reshape(-1)]),
-        weights.reshape(-1),
-        (num_images * height * width, num_bins),
-        check_invariants=False,
-    )
-    grad_bins = grad_output.permute(0, 2, 3, 1).reshape(num_bins, channels)
+    matrix = _roi_align_matrix(rois.to(grad_output.dtype), input_shape, pooled_h, pooled_w, spatial_scale,
+                               sampling_ratio)
+    grad_bins = grad_output.permute(0, 2, 3, 1).reshape(num_rois * pooled_h * pooled_w, channels)
     grad_cells = torch.sparse.mm(matrix, grad_bins)  # (B*H*W, C); duplicates are summed
     return grad_cells.reshape(num_images, height, width, channels).permute(0, 3, 1, 2)
 

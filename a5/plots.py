@@ -17,7 +17,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from a5.utils import PathLike, move_to_device, resolve_device
+from a5.utils import PathLike, TensorDict, move_to_device, resolve_device
 from a5.progress import plural
 from a5.data import MapsBoxesToOriginal, IMAGENET_MEAN, IMAGENET_STD, _eval_view, _unwrap_subset
 from a5.evaluation import ERROR_KINDS, _indexed_loader, predict_batch
@@ -40,8 +40,8 @@ def _as_batches(items: Iterable) -> Iterator[Tuple[List[None], Tuple[List[str], 
 
 
 def _write_detection_files(output_dir: Path, name: str, idx_to_class: Dict[int, str], boxes: torch.Tensor,
-                           labels: torch.Tensor, scores: torch.Tensor, gt: torch.Tensor, base: Optional[Dataset],
-                           b_index: Optional[int]) -> None:
+                           labels: torch.Tensor, scores: torch.Tensor, gt: torch.Tensor,
+                           base: Optional[MapsBoxesToOriginal], b_index: Optional[int]) -> None:
     """One image's `detection-results/<name>` and `ground-truth/<name>` (see `inference_with_detector`);
     in original image pixels when `base` (the dataset) can map them back."""
     if base is not None:
@@ -57,8 +57,42 @@ def _write_detection_files(output_dir: Path, name: str, idx_to_class: Dict[int, 
     (output_dir / "detection-results" / name).write_text("".join(line + "\n" for line in det_lines))
 
 
-# Over 60 lines only because of its docstring (the reference for its arguments): the
-# signature and the code are 55 lines.
+def _inference_batches(test_loader: Iterable) -> Tuple[Iterable, Optional[MapsBoxesToOriginal], List[int]]:
+    """The `(indices, (image_paths, images, gt_boxes))` batches of `test_loader`, and the
+    dataset with the base index of each item when it can map boxes back to original
+    pixels (a DataLoader of one; read with the evaluation transform), else `(None, [])`."""
+    if isinstance(test_loader, Dataset) and not isinstance(test_loader, torch.utils.data.IterableDataset):
+        test_loader = DataLoader(test_loader, batch_size=1)
+    use_dataset = isinstance(test_loader, DataLoader) and not isinstance(
+        test_loader.dataset, torch.utils.data.IterableDataset
+    )
+    if not use_dataset:
+        return _as_batches(test_loader), None, []
+    dataset = _eval_view(test_loader.dataset)
+    base, base_indices = _unwrap_subset(dataset)
+    loader = _indexed_loader(dataset, test_loader.batch_size or 1, test_loader.num_workers, test_loader.collate_fn)
+    if not isinstance(base, MapsBoxesToOriginal):
+        return loader, None, []
+    return loader, base, base_indices
+
+
+def _empty_result_dirs(output_dir: PathLike) -> None:
+    """`output_dir/detection-results` and `output_dir/ground-truth`, created empty."""
+    for d in (Path(output_dir) / "detection-results", Path(output_dir) / "ground-truth"):
+        if d.exists():
+            shutil.rmtree(d)
+        d.mkdir(parents=True)
+
+
+def _valid_detections(out: TensorDict) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`(boxes, labels, scores)` of one image's valid detections (label >= 0), on the CPU."""
+    valid = out["labels"] >= 0
+    boxes = out["boxes"][valid].detach().float().cpu()
+    labels = out["labels"][valid].detach().cpu().long()
+    scores = out["scores"][valid].detach().float().cpu()
+    return boxes, labels, scores
+
+
 def inference_with_detector(
     detector: nn.Module,
     test_loader: Iterable,
@@ -91,40 +125,19 @@ def inference_with_detector(
     detector.to(dtype=dtype, device=device)
     detector.eval()
     start_t = time.time()
-    if isinstance(test_loader, Dataset) and not isinstance(test_loader, torch.utils.data.IterableDataset):
-        test_loader = DataLoader(test_loader, batch_size=1)
-    use_dataset = isinstance(test_loader, DataLoader) and not isinstance(
-        test_loader.dataset, torch.utils.data.IterableDataset
-    )
-    if use_dataset:
-        dataset = _eval_view(test_loader.dataset)
-        base, base_indices = _unwrap_subset(dataset)
-        can_map = isinstance(base, MapsBoxesToOriginal)
-    else:
-        can_map = False
+    loader, base, base_indices = _inference_batches(test_loader)
     if output_dir is not None:
-        for d in (Path(output_dir) / "detection-results", Path(output_dir) / "ground-truth"):
-            if d.exists():
-                shutil.rmtree(d)
-            d.mkdir(parents=True)
-    if use_dataset:
-        loader = _indexed_loader(dataset, test_loader.batch_size or 1, test_loader.num_workers, test_loader.collate_fn)
-    else:
-        loader = _as_batches(test_loader)
+        _empty_result_dirs(output_dir)
     for indices, (image_paths, images, gt_boxes) in loader:
         images = move_to_device(images, device, dtype)
         outputs = predict_batch(detector, images, score_thresh, nms_thresh)
         for k, index in enumerate(indices):
-            b_index = base_indices[index] if can_map else None
-            out = outputs[k]
-            valid = out["labels"] >= 0
-            boxes = out["boxes"][valid].detach().float().cpu()
-            labels = out["labels"][valid].detach().cpu().long()
-            scores = out["scores"][valid].detach().float().cpu()
+            boxes, labels, scores = _valid_detections(outputs[k])
             gt = gt_boxes[k][gt_boxes[k][:, 4] >= 0].cpu()
             if output_dir is not None:
+                b_index = None if base is None else base_indices[index]
                 _write_detection_files(Path(output_dir), Path(image_paths[k]).stem + ".txt", idx_to_class,
-                                       boxes, labels, scores, gt, base if can_map else None, b_index)
+                                       boxes, labels, scores, gt, base, b_index)
             else:
                 image = unnormalize_image(images[k].float().cpu())
                 pred = torch.cat([boxes, labels[:, None].float(), scores[:, None]], dim=1)

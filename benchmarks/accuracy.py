@@ -210,8 +210,9 @@ def collect_cached_predictions(model: torch.nn.Module, cache, val_set, args: arg
     object of the image (``get_annotation``: difficult ones included, flagged).
     """
     import a5_helper as H
+    from a5.data import _unwrap_subset
 
-    base, base_indices = H._unwrap_subset(val_set)
+    base, base_indices = _unwrap_subset(val_set)
     class_names = [base.idx_to_class[i] for i in sorted(base.idx_to_class)]
     device = torch.device(args.device)
     model.to(device).eval()
@@ -333,10 +334,11 @@ def plot_loss_curves(out: Path, histories: Dict[Tuple[str, str], Dict[str, list]
     an EMA of the foreground count), so compare the shapes, not the absolute values.
     """
     import a5_helper as H
+    from a5.plots import _pyplot
 
     if not histories:
         return None
-    plt = H._pyplot()
+    plt = _pyplot()
     kinds = sorted({k for k, _ in histories}, key=DETECTORS.index)
     fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 3.0), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
@@ -361,12 +363,14 @@ def plot_detections(out: Path, kind: str, models: Dict[str, torch.nn.Module], va
                     args: argparse.Namespace) -> Optional[Path]:
     """One val image with the detections (score >= 0.4) of each implementation (small PNG)."""
     import a5_helper as H
+    from a5.data import _unwrap_subset
+    from a5.plots import _pyplot
     from matplotlib.patches import Rectangle
 
     if not models:
         return None
-    plt = H._pyplot()
-    base, base_indices = H._unwrap_subset(val_set)
+    plt = _pyplot()
+    base, base_indices = _unwrap_subset(val_set)
     row = min(args.picture_index, len(base_indices) - 1)
     _, image, gt = base.get_variant(base_indices[row], "orig")
     if val_cache is not None:
@@ -463,82 +467,124 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+def _command_line(argv: Optional[Sequence[str]]) -> str:
+    """The command that ran, as recorded in metrics.json and results.md."""
+    given = sys.argv[1:] if argv is None else list(argv)
+    return "python benchmarks/accuracy.py " + " ".join(shlex.quote(a) for a in given)
+
+
+def _selected_impls(args: argparse.Namespace) -> List[str]:
+    """The implementations of ``--impl`` (an unknown one ends the program)."""
+    impls = [i.strip() for i in args.impl.split(",") if i.strip()]
+    for impl in impls:
+        if impl not in IMPLS:
+            raise SystemExit(f"unknown --impl {impl!r}: use ours and/or torchvision")
+    return impls
+
+
+def training_loader(args: argparse.Namespace, train_set, val_set, out: Path,
+                    device: torch.device) -> Tuple[DataLoader, Any, Dict[str, Any]]:
+    """The training batches, the val feature cache (``None`` end to end) and what building
+    the caches cost (``{split: timing}``, empty end to end)."""
+    import a5_helper as H
+
+    if args.mode != "frozen-cache":
+        loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers,
+                            pin_memory=device.type == "cuda", drop_last=True)
+        return loader, None, {}
+    cache_info: Dict[str, Any] = {}
+    cache_root = Path(args.cache_dir) if args.cache_dir else out / "cache"
+    backbone = frozen_backbone(args)
+    train_cache, cache_info["train"] = build_cache(backbone, train_set, args.cache_variants,
+                                                   cache_root / "train", args)
+    val_cache, cache_info["val"] = build_cache(backbone, val_set, ["orig"], cache_root / "val", args)
+    del backbone
+    loader = DataLoader(train_cache, batch_size=args.batch_size, shuffle=True, collate_fn=H.collate_cached)
+    return loader, val_cache, cache_info
+
+
+def prepare_run_dir(run_dir: Path, config: Dict[str, Any], args: argparse.Namespace) -> None:
+    """``run_dir`` ready for ``config``: emptied with ``--retrain``; a run there with another
+    configuration ends the program; ``run_config.json`` written."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_file = run_dir / "run_config.json"
+    if args.retrain:
+        for f in ("last.pt", "metrics.json", "history.json", "run_config.json"):
+            (run_dir / f).unlink(missing_ok=True)
+    if config_file.is_file() and json.loads(config_file.read_text()) != json.loads(json.dumps(config)):
+        raise SystemExit(f"{run_dir} holds a run with another configuration (see {config_file}); "
+                         "use another --out or --retrain")
+    config_file.write_text(json.dumps(config, indent=1))
+
+
+def run_metrics(kind: str, impl: str, config: Dict[str, Any], model: torch.nn.Module, history: Dict[str, list],
+                train_seconds: float, val: Dict[str, Any], context: Dict[str, Any]) -> Dict[str, Any]:
+    """metrics.json of one run; ``context`` holds the command, the machine and the cache timing."""
+    machine = context["machine"]
+    return {
+        "detector": kind, "impl": impl, "config": config, "command": context["command"],
+        "machine": machine, "machine_line": common.machine_line(machine),
+        "trainable_parameters": common.num_parameters(model),
+        "final_loss": history["total_loss"][-1] if history.get("total_loss") else None,
+        "timing": {"train_seconds": train_seconds, "eval_seconds": val["eval_seconds"],
+                   "cache": context["cache_info"] or None},
+        "val": {k: v for k, v in val.items() if k != "eval_seconds"},
+    }
+
+
+def train_and_evaluate(kind: str, impl: str, loader: DataLoader, val_set, val_cache, out: Path,
+                       args: argparse.Namespace, context: Dict[str, Any]
+                       ) -> Tuple[torch.nn.Module, Dict[str, list], Dict[str, Any]]:
+    """One run, trained (or resumed) and evaluated: its model, loss history and metrics
+    (history.json and metrics.json written in ``out/<kind>_<impl>``)."""
+    import a5_helper as H
+    from a5.cli import _json_safe
+
+    name = f"{kind}_{impl}"
+    run_dir = out / name
+    config = run_config(kind, impl, args)
+    prepare_run_dir(run_dir, config, args)
+    H.reset_seed(args.seed)  # same initialisation seed for every model
+    model = build_model(kind, impl, args)
+    print(f"[accuracy] {name}: {common.num_parameters(model):,} trainable parameters, "
+          f"{args.iters} iterations", flush=True)
+    history, train_seconds = train_run(model, loader, run_dir, config, args)
+    (run_dir / "history.json").write_text(json.dumps(history))
+    val = evaluate_run(model, val_set, val_cache, args)
+    metrics = run_metrics(kind, impl, config, model, history, train_seconds, val, context)
+    (run_dir / "metrics.json").write_text(json.dumps(_json_safe(metrics), indent=2))
+    print(f"[accuracy] {name}: mAP@0.5 {100 * val['mAP']:.2f} (all-point), {100 * val['mAP_07']:.2f} "
+          f"(VOC07); training {_fmt_seconds(train_seconds)}, eval {_fmt_seconds(val['eval_seconds'])}",
+          flush=True)
+    return model, history, metrics
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     import a5_helper as H
 
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    given = sys.argv[1:] if argv is None else list(argv)
-    command = "python benchmarks/accuracy.py " + " ".join(shlex.quote(a) for a in given)
+    command = _command_line(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     kinds = list(DETECTORS) if args.detector == "all" else [args.detector]
-    impls = [i.strip() for i in args.impl.split(",") if i.strip()]
-    for impl in impls:
-        if impl not in IMPLS:
-            raise SystemExit(f"unknown --impl {impl!r}: use ours and/or torchvision")
+    impls = _selected_impls(args)
     device = torch.device(args.device)
     if args.amp is None:
         args.amp = H.default_amp(device)  # resolved so that the results record what ran
     machine = common.machine_info(device)
 
     train_set, val_set = load_datasets(args)
-    train_cache = val_cache = None
-    cache_info: Dict[str, Any] = {}
-    if args.mode == "frozen-cache":
-        cache_root = Path(args.cache_dir) if args.cache_dir else out / "cache"
-        backbone = frozen_backbone(args)
-        train_cache, cache_info["train"] = build_cache(backbone, train_set, args.cache_variants,
-                                                       cache_root / "train", args)
-        val_cache, cache_info["val"] = build_cache(backbone, val_set, ["orig"], cache_root / "val", args)
-        del backbone
-        loader = DataLoader(train_cache, batch_size=args.batch_size, shuffle=True, collate_fn=H.collate_cached)
-    else:
-        loader = DataLoader(train_set, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers,
-                            pin_memory=device.type == "cuda", drop_last=True)
-
+    loader, val_cache, cache_info = training_loader(args, train_set, val_set, out, device)
+    context = {"command": command, "machine": machine, "cache_info": cache_info}
     summary: Dict[str, Any] = {}
     histories: Dict[Tuple[str, str], Dict[str, list]] = {}
     for kind in kinds:
         models: Dict[str, torch.nn.Module] = {}
         for impl in impls:
-            name = f"{kind}_{impl}"
-            run_dir = out / name
-            run_dir.mkdir(parents=True, exist_ok=True)
-            config = run_config(kind, impl, args)
-            config_file = run_dir / "run_config.json"
-            if args.retrain:
-                for f in ("last.pt", "metrics.json", "history.json", "run_config.json"):
-                    (run_dir / f).unlink(missing_ok=True)
-            if config_file.is_file() and json.loads(config_file.read_text()) != json.loads(json.dumps(config)):
-                raise SystemExit(f"{run_dir} holds a run with another configuration (see {config_file}); "
-                                 "use another --out or --retrain")
-            config_file.write_text(json.dumps(config, indent=1))
-
-            H.reset_seed(args.seed)  # same initialisation seed for every model
-            model = build_model(kind, impl, args)
-            print(f"[accuracy] {name}: {common.num_parameters(model):,} trainable parameters, "
-                  f"{args.iters} iterations", flush=True)
-            history, train_seconds = train_run(model, loader, run_dir, config, args)
-            (run_dir / "history.json").write_text(json.dumps(history))
-            histories[(kind, impl)] = history
-            val = evaluate_run(model, val_set, val_cache, args)
-            metrics = {
-                "detector": kind, "impl": impl, "config": config, "command": command,
-                "machine": machine, "machine_line": common.machine_line(machine),
-                "trainable_parameters": common.num_parameters(model),
-                "final_loss": history["total_loss"][-1] if history.get("total_loss") else None,
-                "timing": {"train_seconds": train_seconds, "eval_seconds": val["eval_seconds"],
-                           "cache": cache_info or None},
-                "val": {k: v for k, v in val.items() if k != "eval_seconds"},
-            }
-            (run_dir / "metrics.json").write_text(json.dumps(H._json_safe(metrics), indent=2))
-            summary[name] = metrics
-            models[impl] = model
-            print(f"[accuracy] {name}: mAP@0.5 {100 * val['mAP']:.2f} (all-point), {100 * val['mAP_07']:.2f} "
-                  f"(VOC07); training {_fmt_seconds(train_seconds)}, eval {_fmt_seconds(val['eval_seconds'])}",
-                  flush=True)
+            models[impl], histories[(kind, impl)], summary[f"{kind}_{impl}"] = train_and_evaluate(
+                kind, impl, loader, val_set, val_cache, out, args, context)
         plot_detections(out, kind, models, val_set, val_cache, args)
     plot_loss_curves(out, histories)
     table = results_markdown(out)

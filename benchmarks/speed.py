@@ -45,7 +45,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 try:
     from . import common  # type: ignore
@@ -252,13 +252,10 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def memory_probe(kind: str, impl: str, args: argparse.Namespace) -> Dict[str, Any]:
-    """Peak memory of one model (``impl`` = ours | torchvision), run in this process.
-
-    Called in a fresh subprocess by :func:`measure_memory`. Inference is measured
-    first, then training (whose peak includes gradients and optimizer state).
-    """
-    device = torch.device(args.device)
+def _probe_calls(kind: str, impl: str, args: argparse.Namespace,
+                 device: torch.device) -> Tuple[torch.nn.Module, Callable[[], Any], Callable[[], Any]]:
+    """The model probed (on ``device``), its training-loss call and its inference call, on
+    one random batch."""
     cfg = config_from_args(args)
     ours = common.build_ours(kind, cfg)
     model = ours if impl == "ours" else common.build_torchvision(kind, cfg, ours)
@@ -273,34 +270,42 @@ def memory_probe(kind: str, impl: str, args: argparse.Namespace) -> Dict[str, An
         _, train_call = _train_calls(model, model, images, gt)
         image_list = list(images)
         infer = lambda: model.detector(image_list)  # noqa: E731
-    step = make_train_step(model, train_call, device, args.amp)
-    gc.collect()
-    result: Dict[str, Any] = {"kind": kind, "impl": impl}
+    return model, train_call, infer
 
-    def run_phase(phase: str, fn) -> None:
-        """Two inference calls (eval mode, no grad) or two training steps."""
-        if phase == "infer":
-            model.eval()
-            with torch.no_grad(), autocast_ctx(device, args.amp):
-                fn(); fn()  # noqa: E702
-        else:
-            model.train()
+
+def _run_phase(model: torch.nn.Module, phase: str, fn: Callable[[], Any], device: torch.device, amp: bool) -> None:
+    """Two inference calls (eval mode, no grad) or two training steps."""
+    if phase == "infer":
+        model.eval()
+        with torch.no_grad(), autocast_ctx(device, amp):
             fn(); fn()  # noqa: E702
+    else:
+        model.train()
+        fn(); fn()  # noqa: E702
 
-    if device.type == "cuda":
+
+def _cuda_peaks(model: torch.nn.Module, phases: Sequence[Tuple[str, Callable[[], Any]]], device: torch.device,
+                amp: bool) -> Dict[str, Any]:
+    """``{phase}_peak_mib`` of each phase on a CUDA device (allocator statistics), and the method."""
+    result: Dict[str, Any] = {}
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    for phase, fn in phases:
+        torch.cuda.reset_peak_memory_stats(device)
+        _run_phase(model, phase, fn, device, amp)
         torch.cuda.synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        for phase, fn in (("infer", infer), ("train", step)):
-            torch.cuda.reset_peak_memory_stats(device)
-            run_phase(phase, fn)
-            torch.cuda.synchronize(device)
-            result[f"{phase}_peak_mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-        result["method"] = "torch.cuda.max_memory_allocated - allocated after build"
-        return result
+        result[f"{phase}_peak_mib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    result["method"] = "torch.cuda.max_memory_allocated - allocated after build"
+    return result
 
+
+def _rss_peaks(model: torch.nn.Module, phases: Sequence[Tuple[str, Callable[[], Any]]], device: torch.device,
+               amp: bool) -> Dict[str, Any]:
+    """``{phase}_peak_mib`` of each phase on the CPU (peak resident set), and the method."""
+    result: Dict[str, Any] = {}
     base_kib = _proc_status_kib("VmRSS")
     exact = _reset_peak_rss()
-    for phase, fn in (("infer", infer), ("train", step)):
+    for phase, fn in phases:
         # Each phase is measured from the resident set at its own start, read right after
         # resetting the peak (so peak >= start): garbage freed in between (e.g. left by
         # earlier work in the same process) would otherwise make the difference negative.
@@ -308,7 +313,7 @@ def memory_probe(kind: str, impl: str, args: argparse.Namespace) -> Dict[str, An
         if exact:
             _reset_peak_rss()
         start_kib = _proc_status_kib("VmRSS") if exact else base_kib
-        run_phase(phase, fn)
+        _run_phase(model, phase, fn, device, amp)
         # Linux syncs each thread's RSS counters lazily (every 64 page faults), so two
         # reads can disagree by a few hundred KiB: a phase that allocates next to
         # nothing (tiny models) may read slightly negative, which means 0.
@@ -316,6 +321,21 @@ def memory_probe(kind: str, impl: str, args: argparse.Namespace) -> Dict[str, An
     result["method"] = ("peak RSS (VmHWM, reset via clear_refs) - RSS at the start of the phase" if exact
                         else "VmHWM - RSS after build (VmHWM not resettable: includes construction)")
     return result
+
+
+def memory_probe(kind: str, impl: str, args: argparse.Namespace) -> Dict[str, Any]:
+    """Peak memory of one model (``impl`` = ours | torchvision), run in this process.
+
+    Called in a fresh subprocess by :func:`measure_memory`. Inference is measured
+    first, then training (whose peak includes gradients and optimizer state).
+    """
+    device = torch.device(args.device)
+    model, train_call, infer = _probe_calls(kind, impl, args, device)
+    step = make_train_step(model, train_call, device, args.amp)
+    gc.collect()
+    phases = (("infer", infer), ("train", step))
+    peaks = _cuda_peaks if device.type == "cuda" else _rss_peaks
+    return {"kind": kind, "impl": impl, **peaks(model, phases, device, args.amp)}
 
 
 def measure_memory(kind: str, impl: str, args: argparse.Namespace) -> Dict[str, Any]:

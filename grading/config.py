@@ -76,6 +76,53 @@ def student_parts(root: Path = REPO_ROOT) -> Dict[str, List[str]]:
     return found
 
 
+def _read_toml(path: Path) -> dict:
+    """``path`` parsed as TOML (an unreadable file or bad TOML is a ConfigError)."""
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def _parse_part(path: Path, name: str, table: object, module: str) -> Part:
+    """One ``[parts.NAME]`` table as a Part, its values checked."""
+    if not isinstance(table, dict) or "points" not in table:
+        raise ConfigError(f"{path}: [parts.{name}] needs `points`")
+    points = table["points"]
+    if not isinstance(points, (int, float)) or points < 0:
+        raise ConfigError(f"{path}: [parts.{name}] points must be a number >= 0, not {points!r}")
+    forbidden = table.get("forbidden", [])
+    if not isinstance(forbidden, list) or not all(isinstance(f, str) and f for f in forbidden):
+        raise ConfigError(f"{path}: [parts.{name}] forbidden must be a list of dotted names")
+    unknown = set(table) - {"points", "forbidden"}
+    if unknown:
+        raise ConfigError(f"{path}: [parts.{name}] unknown keys {sorted(unknown)}")
+    return Part(name, float(points), tuple(forbidden), module)
+
+
+def _check_parts_match(path: Path, parts: Dict[str, Part], module_of: Dict[str, str]) -> None:
+    """Raises a ConfigError naming the parts the reference marks but ``parts`` lacks, and
+    the configured parts that no module marks."""
+    missing = [p for p in module_of if p not in parts]
+    extra = [p for p in parts if p not in module_of]
+    if missing or extra:
+        lines = [f"{path} does not match the student parts of the reference modules"]
+        if missing:
+            lines.append("  parts without points (add [parts.NAME]): " + ", ".join(
+                f"{p} ({module_of[p]})" for p in missing))
+        if extra:
+            lines.append("  configured parts that no module marks: " + ", ".join(extra))
+        raise ConfigError("\n".join(lines))
+
+
+def _check_totals(path: Path, config: Config) -> None:
+    """Positive time limits, and points that total 100."""
+    if config.timeout <= 0 or config.submission_timeout <= 0:
+        raise ConfigError(f"{path}: timeout and submission_timeout must be positive")
+    if abs(config.total - 100) > 1e-6:
+        raise ConfigError(f"{path}: the points total {config.total:g}, not 100")
+
+
 def load_config(path: Path = CONFIG_PATH, root: Path = REPO_ROOT, check_parts: bool = True) -> Config:
     """Read and validate ``points.toml``.
 
@@ -84,10 +131,7 @@ def load_config(path: Path = CONFIG_PATH, root: Path = REPO_ROOT, check_parts: b
             ``check_parts``) parts that differ from the reference's solution regions,
             naming the missing and the extra parts.
     """
-    try:
-        data = tomllib.loads(Path(path).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
+    data = _read_toml(path)
     defaults = data.get("defaults", {})
     notebooks = data.get("notebooks", {})
     raw_parts = data.get("parts", {})
@@ -95,31 +139,9 @@ def load_config(path: Path = CONFIG_PATH, root: Path = REPO_ROOT, check_parts: b
         raise ConfigError(f"{path}: no [parts.NAME] tables")
     by_module = student_parts(root)
     module_of = {part: module for module, parts in by_module.items() for part in parts}
-    parts: Dict[str, Part] = {}
-    for name, table in raw_parts.items():
-        if not isinstance(table, dict) or "points" not in table:
-            raise ConfigError(f"{path}: [parts.{name}] needs `points`")
-        points = table["points"]
-        if not isinstance(points, (int, float)) or points < 0:
-            raise ConfigError(f"{path}: [parts.{name}] points must be a number >= 0, not {points!r}")
-        forbidden = table.get("forbidden", [])
-        if not isinstance(forbidden, list) or not all(isinstance(f, str) and f for f in forbidden):
-            raise ConfigError(f"{path}: [parts.{name}] forbidden must be a list of dotted names")
-        unknown = set(table) - {"points", "forbidden"}
-        if unknown:
-            raise ConfigError(f"{path}: [parts.{name}] unknown keys {sorted(unknown)}")
-        parts[name] = Part(name, float(points), tuple(forbidden), module_of.get(name, ""))
+    parts = {name: _parse_part(path, name, table, module_of.get(name, "")) for name, table in raw_parts.items()}
     if check_parts:
-        missing = [p for p in module_of if p not in parts]
-        extra = [p for p in parts if p not in module_of]
-        if missing or extra:
-            lines = [f"{path} does not match the student parts of the reference modules"]
-            if missing:
-                lines.append("  parts without points (add [parts.NAME]): " + ", ".join(
-                    f"{p} ({module_of[p]})" for p in missing))
-            if extra:
-                lines.append("  configured parts that no module marks: " + ", ".join(extra))
-            raise ConfigError("\n".join(lines))
+        _check_parts_match(path, parts, module_of)
     visibility = defaults.get("hidden_visibility", "after_published")
     if visibility not in VISIBILITIES:
         raise ConfigError(f"{path}: hidden_visibility must be one of {VISIBILITIES}")
@@ -135,10 +157,7 @@ def load_config(path: Path = CONFIG_PATH, root: Path = REPO_ROOT, check_parts: b
         student_modules=tuple(m for m, p in by_module.items() if p),
         provided_modules=tuple(m for m, p in by_module.items() if not p),
     )
-    if config.timeout <= 0 or config.submission_timeout <= 0:
-        raise ConfigError(f"{path}: timeout and submission_timeout must be positive")
-    if abs(config.total - 100) > 1e-6:
-        raise ConfigError(f"{path}: the points total {config.total:g}, not 100")
+    _check_totals(path, config)
     return config
 
 

@@ -21,6 +21,7 @@ import torch
 
 import a5.plots
 import a5_helper as h
+from a5.progress import _CLI_ACTIVE, _progress_mode
 from helpers import TinyDetector, one_thread, tiny_builder, tiny_voc  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.part("provided")
@@ -96,10 +97,10 @@ def test_progress_off_and_bar_modes(capsys):
         bar.update(1)
     bar.close()
     assert capsys.readouterr().out == ""
-    assert h._progress_mode(True) == "auto" and h._progress_mode(False) == "off"
-    assert h._progress_mode(False, "lines") == "lines"
+    assert _progress_mode(True) == "auto" and _progress_mode(False) == "off"
+    assert _progress_mode(False, "lines") == "lines"
     with pytest.raises(ValueError):
-        h._progress_mode("sometimes")
+        _progress_mode("sometimes")
 
 
 def test_train_detector_logs_lines_without_carriage_returns(monkeypatch, capsys):
@@ -178,13 +179,13 @@ def test_messages_name_the_python_argument_or_the_flag(capsys):
     loader = torch.utils.data.DataLoader(SyntheticDataset(4), batch_size=2)
     h.train_detector(TinyDetector(dropout=0.0), loader, max_iters=1, progress="off", amp=True, seed=0)
     assert "amp=False turns it off" in capsys.readouterr().out
-    h._CLI_ACTIVE[0] = True
+    _CLI_ACTIVE[0] = True
     try:
         h.train_detector(TinyDetector(dropout=0.0), loader, max_iters=1, progress="off", amp=True, seed=0)
         with pytest.raises(ValueError, match="--frozen-backbone"):
             h.build_feature_cache(TinyDetector(freeze_backbone=False), SyntheticDataset(2), progress=False)
     finally:
-        h._CLI_ACTIVE[0] = False
+        _CLI_ACTIVE[0] = False
     out = capsys.readouterr().out
     assert "--no-amp turns it off" in out and "amp=False" not in out
 

@@ -19,6 +19,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
 import a5_helper as h
+from a5.cache import _check_cache_files
+from a5.training import _rng_state, _set_rng_state
 from helpers import TinyDetector, _write_xml, make_tiny_voc, one_thread, tiny_builder  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.part("provided")
@@ -316,9 +318,9 @@ def test_training_checkpoints_load_with_weights_only(tmp_path):
     state = torch.load(tmp_path / "last.pt", weights_only=True)  # RNG states, history, config: all safe types
     assert state["iteration"] == 2 and isinstance(state["rng"]["numpy"][1], torch.Tensor)
     np.random.seed(3)
-    before = h._rng_state()
+    before = _rng_state()
     a = np.random.rand(3)
-    h._set_rng_state(before)
+    _set_rng_state(before)
     assert np.array_equal(a, np.random.rand(3))
 
 
@@ -414,7 +416,7 @@ def test_corrupt_cache_file_is_named_and_rebuilt(tiny_voc, tmp_path, capsys, nam
     assert str(cache_dir / name) in out and "rebuilding" in out
     _, feats, gt = rebuilt.get_batch([0, 1, 2], [0, 1, 0])
     assert all(torch.equal(feats[k], want_feats[k]) for k in feats) and torch.equal(gt, want_gt)
-    assert h._check_cache_files(cache_dir, json.loads((cache_dir / "meta.json").read_text())["checksums"]) is None
+    assert _check_cache_files(cache_dir, json.loads((cache_dir / "meta.json").read_text())["checksums"]) is None
 
 
 def test_changed_image_content_under_same_name_rebuilds_the_cache(tiny_voc, tmp_path, capsys):

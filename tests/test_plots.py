@@ -9,6 +9,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import a5_helper as h
+from a5.plots import _NON_INTERACTIVE
 from helpers import ColorOracle, N_TRAIN, _image_spec, one_thread, tiny_voc  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.part("provided")
@@ -62,7 +63,7 @@ def test_headless_plot_without_path_is_saved(tmp_path, monkeypatch):
     monkeypatch.setenv("A5_PLOT_DIR", str(tmp_path))
     import matplotlib
 
-    if matplotlib.get_backend().lower() not in h._NON_INTERACTIVE:
+    if matplotlib.get_backend().lower() not in _NON_INTERACTIVE:
         pytest.skip("a display backend is active")
     path = h.plot_loss_history([3.0, 2.0, 1.5, 1.2])
     assert path is not None and path.parent == tmp_path and path.is_file()

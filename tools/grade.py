@@ -415,6 +415,58 @@ def _file_of(nodeid: str) -> str:
     return nodeid.split("::")[0]
 
 
+def _record_events(run: Run, events: List[dict], timed_out_parts: Dict[str, str]) -> Tuple[Optional[str], bool]:
+    """Adds one process's ``events`` to ``run`` (and the parts with a timed-out test to
+    ``timed_out_parts``); returns the test started but not finished, and whether the
+    process reached its end."""
+    started = None
+    finished = False
+    for event in events:
+        kind = event["event"]
+        if kind == "collected":
+            run.collected.setdefault(event["nodeid"], event)
+        elif kind == "collect_error":
+            run.errors.setdefault(_file_of(event["nodeid"]), _collect_error_summary(event.get("message", "")))
+        elif kind == "start":
+            started = event["nodeid"]
+        elif kind == "result":
+            run.results[event["nodeid"]] = event
+            if event["outcome"] == "timeout":
+                timed_out_parts.setdefault(event.get("part", ""), event.get("message", ""))
+            if event["nodeid"] == started:
+                started = None
+        elif kind == "finished":
+            finished = True
+    return started, finished
+
+
+def _fail_started_test(run: Run, started: Optional[str], reason: str, killed: bool,
+                       timed_out_parts: Dict[str, str]) -> None:
+    """The test that was running when its process died fails with ``reason``."""
+    if started is None or started in run.results:
+        return
+    part = run.collected.get(started, {}).get("part", "")
+    run.results[started] = {"nodeid": started, "part": part,
+                            "outcome": "timeout" if killed else "error", "message": reason}
+    if killed:
+        timed_out_parts.setdefault(part, reason)
+
+
+def _pending_after_timeouts(run: Run, timed_out_parts: Dict[str, str]) -> List[str]:
+    """The collected tests still to run; those of a part with a timed-out test are not run
+    (they fail as timed out) and are left out."""
+    pending = []
+    for nodeid in [n for n in run.collected if n not in run.results]:
+        part = run.collected[nodeid].get("part", "")
+        if part in timed_out_parts:
+            run.results[nodeid] = {"nodeid": nodeid, "part": part, "outcome": "timeout",
+                                   "message": f"not run: an earlier test of part {part!r} exceeded "
+                                              "the time limit"}
+        else:
+            pending.append(nodeid)
+    return pending
+
+
 class Grader:
     def __init__(self, config: Config, parts: Sequence[str], timeout: float, submission_timeout: float,
                  provided: bool = False, verbose: bool = False):
@@ -565,64 +617,41 @@ class Grader:
             seen = len(_read_events(events_path))
             rc, killed, run.log = self._pytest(grader, targets, events_path, env, remaining,
                                                ["--a5-timeout", str(self.timeout), "--continue-on-collection-errors"])
-            events = _read_events(events_path)[seen:]
-            started = None
-            finished = False
-            for event in events:
-                kind = event["event"]
-                if kind == "collected":
-                    run.collected.setdefault(event["nodeid"], event)
-                elif kind == "collect_error":
-                    run.errors.setdefault(_file_of(event["nodeid"]), _collect_error_summary(event.get("message", "")))
-                elif kind == "start":
-                    started = event["nodeid"]
-                elif kind == "result":
-                    run.results[event["nodeid"]] = event
-                    if event["outcome"] == "timeout":
-                        timed_out_parts.setdefault(event.get("part", ""), event.get("message", ""))
-                    if event["nodeid"] == started:
-                        started = None
-                elif kind == "finished":
-                    finished = True
+            started, finished = _record_events(run, _read_events(events_path)[seen:], timed_out_parts)
             if finished and not killed:
                 break
             # The process died (or was killed at the submission limit) before the end.
-            if killed:
-                reason = f"time limit exceeded (the submission's {self.submission_timeout:g} s)"
-            elif rc is not None and rc < 0:
-                reason = f"the test process crashed ({_signal_name(rc)})"
-            else:
-                reason = (f"the test process exited with status {rc} (sys.exit / os._exit in the code?)" if rc != 75
-                          else "a test did not stop at its time limit; its process was ended")
-            if started is not None and started not in run.results:
-                part = run.collected.get(started, {}).get("part", "")
-                run.results[started] = {"nodeid": started, "part": part,
-                                        "outcome": "timeout" if killed else "error", "message": reason}
-                if killed:
-                    timed_out_parts.setdefault(part, reason)
+            reason = self._death_reason(rc, killed)
+            _fail_started_test(run, started, reason, killed, timed_out_parts)
             if not run.collected:
                 run.died_collecting = reason + " while collecting the tests"
                 break
             if killed:
                 break
-            pending = [n for n in run.collected if n not in run.results]
-            for nodeid in list(pending):
-                part = run.collected[nodeid].get("part", "")
-                if part in timed_out_parts:
-                    run.results[nodeid] = {"nodeid": nodeid, "part": part, "outcome": "timeout",
-                                           "message": f"not run: an earlier test of part {part!r} exceeded "
-                                                      "the time limit"}
-                    pending.remove(nodeid)
+            pending = _pending_after_timeouts(run, timed_out_parts)
             if not pending:
                 break
             self.log(f"  {reason}; running the {len(pending)} remaining tests in a new process")
             targets = pending
+        self._time_out_unrun(run)
+        return run
+
+    def _death_reason(self, rc: Optional[int], killed: bool) -> str:
+        """Why a pytest process ended before its ``finished`` event, in words."""
+        if killed:
+            return f"time limit exceeded (the submission's {self.submission_timeout:g} s)"
+        if rc is not None and rc < 0:
+            return f"the test process crashed ({_signal_name(rc)})"
+        return (f"the test process exited with status {rc} (sys.exit / os._exit in the code?)" if rc != 75
+                else "a test did not stop at its time limit; its process was ended")
+
+    def _time_out_unrun(self, run: Run) -> None:
+        """Every collected test still without a result fails: the submission's time is up."""
         for nodeid, event in run.collected.items():
             if nodeid not in run.results:
                 run.results[nodeid] = {"nodeid": nodeid, "part": event.get("part", ""), "outcome": "timeout",
                                        "message": f"not run: time limit exceeded (the submission's "
                                                   f"{self.submission_timeout:g} s)"}
-        return run
 
     # -- import probes -----------------------------------------------------------------
     def probe_modules(self, grader: Path, checkout: Path, scratch: Path) -> Dict[str, str]:
@@ -786,7 +815,8 @@ def _submissions(folder: Path) -> List[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "__")))
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def _argument_parser() -> argparse.ArgumentParser:
+    """grade.py's command line."""
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="Grading configuration: grading/points.toml. Instructors: see README.md, "
@@ -809,6 +839,67 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--provided", action="store_true", help="also run the tests of provided code (0 points)")
     parser.add_argument("--config", type=Path, default=CONFIG_PATH, help=argparse.SUPPRESS)
     parser.add_argument("-v", "--verbose", action="store_true", help="print progress to stderr")
+    return parser
+
+
+def _selected_parts(parser: argparse.ArgumentParser, args: argparse.Namespace, config: Config) -> List[str]:
+    """The parts to grade, in points.toml's order: ``--parts`` or all (an unknown part is a
+    usage error)."""
+    parts = list(config.parts)
+    if args.parts:
+        wanted = [p.strip() for p in args.parts.split(",") if p.strip()]
+        unknown = [p for p in wanted if p not in config.parts]
+        if unknown:
+            parser.error(f"unknown parts {', '.join(unknown)} (parts: {', '.join(config.parts)})")
+        parts = [p for p in parts if p in wanted]
+    return parts
+
+
+def _batch_row(folder: Path, grade: Grade, parts: List[str], notebooks: bool) -> dict:
+    """One submission's row of the class CSV: points per part (and notebooks), total, problems."""
+    part_rows = grade.part_rows()
+    row = {"submission": folder.name, **{p: part_rows[p]["points"] for p in parts}}
+    if notebooks:
+        row["notebooks"] = grade.notebook_summary()["points"]
+    row.update(total=grade.total, max=grade.max_total, problems=grade.problems())
+    return row
+
+
+def _grade_batch(parser: argparse.ArgumentParser, args: argparse.Namespace, grader: Grader,
+                 parts: List[str]) -> int:
+    """``--batch``: grades every sub-folder, prints its table, writes the JSON grades and the CSV."""
+    folders = _submissions(args.batch)
+    if not folders:
+        parser.error(f"{args.batch} has no sub-folders")
+    rows = []
+    for folder in folders:
+        grade = grader.grade(folder, args.notebooks)
+        print(grade.table(args.provided), flush=True)
+        print()
+        if args.json_dir:
+            _write(args.json_dir / f"{folder.name}.json", json.dumps(grade.as_json(args.provided), indent=2))
+        rows.append(_batch_row(folder, grade, parts, args.notebooks is not None))
+        if args.csv:  # rewritten after every submission: a long batch keeps what is done
+            _write_csv(args.csv, rows)
+    print(f"graded {len(rows)} submissions" + (f"; wrote {args.csv}" if args.csv else ""))
+    return 0
+
+
+def _grade_checkout(parser: argparse.ArgumentParser, args: argparse.Namespace, grader: Grader) -> int:
+    """One checkout: prints its table, writes ``--json`` and ``--gradescope``."""
+    if not args.checkout.is_dir():
+        parser.error(f"{args.checkout} is not a folder")
+    grade = grader.grade(args.checkout, args.notebooks)
+    print(grade.table(args.provided))
+    if args.json:
+        _write(args.json, json.dumps(grade.as_json(args.provided), indent=2))
+    if args.gradescope:
+        _write(args.gradescope, json.dumps(grade.gradescope(), indent=2))
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = _argument_parser()
     args = parser.parse_args(argv)
 
     if (args.checkout is None) == (args.batch is None):
@@ -820,48 +911,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as exc:
         print(f"grade.py: {exc}", file=sys.stderr)
         return 2
-    parts = list(config.parts)
-    if args.parts:
-        wanted = [p.strip() for p in args.parts.split(",") if p.strip()]
-        unknown = [p for p in wanted if p not in config.parts]
-        if unknown:
-            parser.error(f"unknown parts {', '.join(unknown)} (parts: {', '.join(config.parts)})")
-        parts = [p for p in parts if p in wanted]
+    parts = _selected_parts(parser, args, config)
     grader = Grader(config, parts, args.timeout or config.timeout,
                     args.submission_timeout or config.submission_timeout, provided=args.provided,
                     verbose=args.verbose)
-
     if args.batch is not None:
-        folders = _submissions(args.batch)
-        if not folders:
-            parser.error(f"{args.batch} has no sub-folders")
-        rows = []
-        for folder in folders:
-            grade = grader.grade(folder, args.notebooks)
-            print(grade.table(args.provided), flush=True)
-            print()
-            if args.json_dir:
-                _write(args.json_dir / f"{folder.name}.json", json.dumps(grade.as_json(args.provided), indent=2))
-            part_rows = grade.part_rows()
-            row = {"submission": folder.name, **{p: part_rows[p]["points"] for p in parts}}
-            if args.notebooks is not None:
-                row["notebooks"] = grade.notebook_summary()["points"]
-            row.update(total=grade.total, max=grade.max_total, problems=grade.problems())
-            rows.append(row)
-            if args.csv:  # rewritten after every submission: a long batch keeps what is done
-                _write_csv(args.csv, rows)
-        print(f"graded {len(rows)} submissions" + (f"; wrote {args.csv}" if args.csv else ""))
-        return 0
-
-    if not args.checkout.is_dir():
-        parser.error(f"{args.checkout} is not a folder")
-    grade = grader.grade(args.checkout, args.notebooks)
-    print(grade.table(args.provided))
-    if args.json:
-        _write(args.json, json.dumps(grade.as_json(args.provided), indent=2))
-    if args.gradescope:
-        _write(args.gradescope, json.dumps(grade.gradescope(), indent=2))
-    return 0
+        return _grade_batch(parser, args, grader, parts)
+    return _grade_checkout(parser, args, grader)
 
 
 def _write_csv(path: Path, rows: List[dict]) -> None:

@@ -50,8 +50,9 @@ VERBATIM = ("requirements.txt", "conftest.py", ".gitignore")
 # Folders copied as they are (packages of provided code, the public tests).
 VERBATIM_DIRS = ("a5", "compat", "tests")
 # Instructor-only material inside the copied folders: the hidden tests, the instructor
-# tests, and the tests of the reference's own notebooks (recorded outputs) and benchmarks.
-EXCLUDED = ("instructor", "hidden", "test_notebooks.py", "test_benchmarks.py")
+# tests, and the tests of the reference's own notebooks (recorded outputs), benchmarks and
+# code layout (which scans tools/, grading/ and benchmarks/ too).
+EXCLUDED = ("instructor", "hidden", "test_notebooks.py", "test_benchmarks.py", "test_layout.py")
 STUDENT_README = Path("docs") / "STUDENT_README.md"
 # The release's pytest.ini: the unit tests only; the notebooks are run on demand.
 STUDENT_PYTEST_INI = """[pytest]

@@ -114,7 +114,7 @@ def test_release_holds_the_student_side_only(release):
                      "tests/checks.py", "tests/isolation.py"):
         assert required in names, required
     for forbidden in ("tools", "grading", "benchmarks", ".ci", "tests/instructor", "tests/hidden", "docs",
-                      "tests/test_notebooks.py", "tests/test_benchmarks.py"):
+                      "tests/test_notebooks.py", "tests/test_benchmarks.py", "tests/test_layout.py"):
         assert not any(n == forbidden or n.startswith(forbidden + "/") for n in names), forbidden
     readme = (release / "README.md").read_text()
     assert "TODO" in readme and "pytest" in readme and "graded" in readme
