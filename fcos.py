@@ -183,6 +183,46 @@ def build_backbone_body(backbone: str, pretrained: bool = True) -> Tuple[nn.Modu
     return body, weights_name
 
 
+def last_stage_of(body: nn.Module) -> nn.Module:
+    """
+    The part of a CNN body (``build_backbone_body``) that computes c5 from c4.
+
+    The body is an fx graph; the stage is its sub-graph between the c4 and c5
+    nodes, as a ``GraphModule`` that calls the body's own layers (same weights).
+
+    Returns:
+        A module mapping c4 ``(B, C4, H/16, W/16)`` to c5 ``(B, C5, H/32, W/32)``.
+    """
+    graph = body.graph
+    taps = next(node for node in graph.nodes if node.op == "output").args[0]
+    c4, c5 = taps["c4"], taps["c5"]
+    # The nodes c5 depends on that c4 feeds (the graph is in topological order).
+    after_c4 = {c4}
+    for node in graph.nodes:
+        if any(arg in after_c4 for arg in node.all_input_nodes):
+            after_c4.add(node)
+    needed = {c5}
+    for node in reversed(list(graph.nodes)):
+        if node in needed:
+            needed.update(node.all_input_nodes)
+    stage = torch.fx.Graph()
+    env = {c4: stage.placeholder("c4")}
+    for node in graph.nodes:
+        if node in after_c4 and node in needed and node is not c4:
+            env[node] = stage.node_copy(node, lambda n: env[n])
+    stage.output(env[c5])
+    return torch.fx.GraphModule(body, stage)
+
+
+def unfreeze_except_batchnorm(module: nn.Module) -> None:
+    """Let every parameter of ``module`` train except BatchNorm's affine weights
+    (its statistics are buffers and follow the module's train/eval mode)."""
+    for layer in module.modules():
+        if not isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            for param in layer.parameters(recurse=False):
+                param.requires_grad_(True)
+
+
 def image_size_of(x: ImagesOrFeatures) -> Tuple[int, int]:
     """Return the ``(H, W)`` of the images that ``x`` stands for.
 
@@ -280,6 +320,14 @@ class DetectorBackboneWithFPN(nn.Module):
     ``.train()``; only the FPN trains. Then the CNN is a fixed function, so
     its features can be computed once (``extract_features``), cached, and fed
     back to ``forward`` as a dict instead of images.
+
+    ``tune_last_stage=True`` (with a frozen CNN) fine-tunes the CNN's last
+    stage, the one that computes c5 from c4: ``forward`` then recomputes c5
+    from c4 (cached or not), so that the deepest features adapt to detection
+    while c3/c4 can still be cached. At stride 32 the stage is cheap (7x7 at
+    224 px) and it is worth several AP points over a fully frozen CNN. Its
+    BatchNorm layers stay frozen (ImageNet statistics and affine weights):
+    batches of 16 would estimate them poorly.
     """
 
     def __init__(
@@ -288,6 +336,7 @@ class DetectorBackboneWithFPN(nn.Module):
         backbone: str = "regnet_x_400mf",
         pretrained: bool = True,
         freeze_backbone: bool = False,
+        tune_last_stage: bool = False,
     ):
         """
         Args:
@@ -298,6 +347,8 @@ class DetectorBackboneWithFPN(nn.Module):
                 (cached under ``$TORCH_HOME/hub/checkpoints``). If they cannot
                 be loaded a ``RuntimeError`` explains the options.
             freeze_backbone: Freeze the CNN (see the class docstring).
+            tune_last_stage: With ``freeze_backbone``, train the CNN's last
+                stage all the same (see the class docstring).
         """
         super().__init__()
         spec = BACKBONE_SPECS.get(backbone)
@@ -305,15 +356,24 @@ class DetectorBackboneWithFPN(nn.Module):
             raise ValueError(
                 f"Unknown backbone '{backbone}', expected one of {sorted(BACKBONE_SPECS)}."
             )
+        if tune_last_stage and not freeze_backbone:
+            raise ValueError("tune_last_stage=True trains the last stage of a frozen CNN: pass "
+                             "freeze_backbone=True too (an unfrozen CNN trains every stage anyway).")
         self.backbone_name = backbone
         self.out_channels = out_channels
         self.freeze_backbone = freeze_backbone
+        self.tune_last_stage = tune_last_stage
 
         # The CNN body returns {"c3", "c4", "c5"}.
         self.backbone, self.weights_name = build_backbone_body(backbone, pretrained)
         if freeze_backbone:
             self.backbone.requires_grad_(False)
             self.backbone.eval()
+        # The c4 -> c5 part of the CNN as a module of its own, sharing the CNN's
+        # weights; kept out of the registered children (no duplicate state-dict keys).
+        self.__dict__["_last_stage"] = last_stage_of(self.backbone)
+        if tune_last_stage:
+            unfreeze_except_batchnorm(self.last_stage())
 
         # Channels of c3, c4, c5 (e.g. 64, 160, 400 for RegNetX-400MF).
         in_channels = spec.channels
@@ -339,6 +399,10 @@ class DetectorBackboneWithFPN(nn.Module):
     def fpn_strides(self) -> Dict[str, int]:
         """Total stride of each FPN level w.r.t. the input image."""
         return {"p3": 8, "p4": 16, "p5": 32}
+
+    def last_stage(self) -> nn.Module:
+        """The part of the CNN that maps c4 to c5 (its own layers, not copies)."""
+        return self.__dict__["_last_stage"]
 
     def extract_features(self, images: torch.Tensor) -> TensorDict:
         """
@@ -397,6 +461,9 @@ class DetectorBackboneWithFPN(nn.Module):
             backbone_feats = {name: to_fast_layout(feat) for name, feat in images.items()}
         else:
             backbone_feats = self.extract_features(images)
+        if self.tune_last_stage:
+            # c5 from the stage being trained (a cached c5 is from its ImageNet weights).
+            backbone_feats["c5"] = self.last_stage()(backbone_feats["c4"])
 
         fpn_feats: TensorDict = {}
         # BEGIN SOLUTION (fpn): Compute p3/p4/p5 from c3/c4/c5 with lateral 1x1 convs, top-down nearest upsampling to the exact size of the finer lateral output (add), then 3x3 output convs.
@@ -1153,12 +1220,14 @@ def _make_backbone(
     fpn_channels: int,
     pretrained: bool,
     freeze_backbone: bool,
+    tune_last_stage: bool = False,
 ) -> nn.Module:
     """The backbone + FPN of a detector: built from a ``BACKBONE_SPECS`` key, or
     injected (an ``nn.Module`` instance, or a callable ``backbone(fpn_channels)``)."""
     if isinstance(backbone, str):
         return DetectorBackboneWithFPN(
-            fpn_channels, backbone=backbone, pretrained=pretrained, freeze_backbone=freeze_backbone
+            fpn_channels, backbone=backbone, pretrained=pretrained, freeze_backbone=freeze_backbone,
+            tune_last_stage=tune_last_stage,
         )
     module = backbone if isinstance(backbone, nn.Module) else backbone(fpn_channels)
     if not isinstance(module, nn.Module):
@@ -1203,6 +1272,7 @@ class FCOS(nn.Module):
         pretrained: bool = True,
         freeze_backbone: bool = False,
         *,
+        tune_last_stage: bool = False,
         center_sampling_radius: Optional[float] = 1.5,
         box_loss: str = "giou",
         centerness_weighted_box_loss: bool = True,
@@ -1226,7 +1296,8 @@ class FCOS(nn.Module):
                 maps images to a dict of p3/p4/p5 features with ``fpn_channels``
                 channels and has ``fpn_strides``; ``pretrained`` and
                 ``freeze_backbone`` do not apply to it.
-            pretrained, freeze_backbone: See ``DetectorBackboneWithFPN``.
+            pretrained, freeze_backbone, tune_last_stage: See
+                ``DetectorBackboneWithFPN``.
             center_sampling_radius: For ``fcos_match_locations_to_gt``
                 (``None`` = plain inside-box rule).
             box_loss: "giou" (default, FCOS v2) or "l1" (course: L1 on
@@ -1251,7 +1322,7 @@ class FCOS(nn.Module):
         if box_loss not in ("giou", "l1"):
             raise ValueError(f"box_loss must be 'giou' or 'l1', got '{box_loss}'.")
         self.num_classes = num_classes
-        self.backbone = _make_backbone(backbone, fpn_channels, pretrained, freeze_backbone)
+        self.backbone = _make_backbone(backbone, fpn_channels, pretrained, freeze_backbone, tune_last_stage)
         self.pred_net = FCOSPredictionNetwork(num_classes, fpn_channels, stem_channels)
         self.center_sampling_radius = center_sampling_radius
         self.box_loss = box_loss

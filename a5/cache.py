@@ -124,11 +124,13 @@ def _backbone_of(module: nn.Module) -> CacheableBackbone:
 
 
 def backbone_state_hash(backbone: nn.Module) -> str:
-    """SHA-1 of the feature extractor's weights and buffers (the trained layers, `TRAINED_PREFIXES`,
-    excluded)."""
+    """SHA-1 of the feature extractor's weights and buffers; the trained layers (`TRAINED_PREFIXES`,
+    and every parameter that requires a gradient, e.g. a last stage fine-tuned on top of the cache)
+    are excluded, so that the key stays the same while they train."""
+    trained = {name for name, param in backbone.named_parameters() if param.requires_grad}
     h = hashlib.sha1()
     for name, tensor in sorted(backbone.state_dict().items()):
-        if name.startswith(TRAINED_PREFIXES):
+        if name.startswith(TRAINED_PREFIXES) or name in trained:
             continue
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())

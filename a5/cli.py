@@ -45,16 +45,17 @@ from a5.plots import (
 
 
 def _build_fcos(num_classes: int = 20, backbone: str = "mobilenet_v2", pretrained: bool = True,
-                freeze_backbone: bool = False, fpn_channels: int = 128, stem_channels: Sequence[int] = (128, 128),
+                freeze_backbone: bool = False, tune_last_stage: bool = False, fpn_channels: int = 128, stem_channels: Sequence[int] = (128, 128),
                 **extra: Any) -> nn.Module:
     import fcos
 
     return fcos.FCOS(num_classes=num_classes, fpn_channels=fpn_channels, stem_channels=list(stem_channels),
-                     backbone=backbone, pretrained=pretrained, freeze_backbone=freeze_backbone, **extra)
+                     backbone=backbone, pretrained=pretrained, freeze_backbone=freeze_backbone,
+                     tune_last_stage=tune_last_stage, **extra)
 
 
 def _build_faster_rcnn(num_classes: int = 20, backbone: str = "mobilenet_v2", pretrained: bool = True,
-                       freeze_backbone: bool = False, fpn_channels: int = 64, stem_channels: Sequence[int] = (64, 64),
+                       freeze_backbone: bool = False, tune_last_stage: bool = False, fpn_channels: int = 64, stem_channels: Sequence[int] = (64, 64),
                        rpn_stem_channels: Sequence[int] = (64, 64), rpn_batch_size_per_image: int = 16,
                        roi_batch_size_per_image: int = 32, anchor_stride_scale: int = 8,
                        anchor_aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0), pre_nms_topk: int = 400,
@@ -63,7 +64,7 @@ def _build_faster_rcnn(num_classes: int = 20, backbone: str = "mobilenet_v2", pr
     import two_stage_detector as tsd
 
     fpn = fcos.DetectorBackboneWithFPN(out_channels=fpn_channels, backbone=backbone, pretrained=pretrained,
-                                       freeze_backbone=freeze_backbone)
+                                       freeze_backbone=freeze_backbone, tune_last_stage=tune_last_stage)
     rpn = tsd.RPN(fpn_channels=fpn_channels, stem_channels=list(rpn_stem_channels),
                   batch_size_per_image=rpn_batch_size_per_image, anchor_stride_scale=anchor_stride_scale,
                   anchor_aspect_ratios=list(anchor_aspect_ratios), pre_nms_topk=pre_nms_topk,
@@ -218,13 +219,20 @@ def _precision_text(amp: bool, device: torch.device) -> str:
     return "float32 (this CPU has no hardware bfloat16, where --amp would be slow)"
 
 
+def _backbone_mode(kwargs: Dict[str, Any], unfrozen: str) -> str:
+    """How the backbone trains, in words, from a model config's kwargs."""
+    if not kwargs.get("freeze_backbone"):
+        return unfrozen
+    return "frozen, last stage fine-tuned" if kwargs.get("tune_last_stage") else "frozen"
+
+
 def _train_plan(args: argparse.Namespace, config: Dict[str, Any], device: torch.device, detector: nn.Module,
                 train_set: Dataset, val_set: Dataset, out: Path) -> List[str]:
     """The start-up summary of `train`: what will run, where, and what it writes."""
     kw = config.get("kwargs", {})
     name = DETECTOR_NAMES.get(config["detector"], config["detector"])
     weights = "ImageNet weights" if kw.get("pretrained", True) else "random weights"
-    mode = "frozen" if kw.get("freeze_backbone") else "trained end to end"
+    mode = _backbone_mode(kw, "trained end to end")
     threads = f", {plural(torch.get_num_threads(), 'thread')}" if device.type == "cpu" else ""
     image_size = config.get("image_size", args.image_size)
     lines = [f"Training {name} (backbone {kw.get('backbone')}, {weights}, {mode}) on {device}{threads}."]
@@ -322,7 +330,7 @@ def _train_report(args: argparse.Namespace, config: Dict[str, Any], device: torc
     features = f", cached features ({args.cache_variants})" if args.cache_features else ""
     lines = [f"Run summary ({out})",
              f"  detector    {name}, backbone {kw.get('backbone')} "
-             f"({'frozen' if kw.get('freeze_backbone') else 'trained'}){features}",
+             f"({_backbone_mode(kw, 'trained')}){features}",
              f"  training    {plural(len(history.get('total_loss') or []), 'iteration')}, batch {args.batch_size}, "
              f"image size {config.get('image_size', args.image_size)}, lr {args.lr:g} ({args.lr_schedule}), "
              f"{_precision_text(bool(args.amp), device).split(' (')[0]}, on {device}",
@@ -395,6 +403,10 @@ def _resolve_train_defaults(args: argparse.Namespace, device: torch.device, rank
         args.cache_features = args.frozen_backbone
     if args.cache_features and not args.frozen_backbone:
         raise SystemExit("--cache-features needs --frozen-backbone (cached features must not change during training)")
+    if args.tune_last_stage is None:
+        args.tune_last_stage = args.frozen_backbone
+    if args.tune_last_stage and not args.frozen_backbone:
+        raise SystemExit("--tune-last-stage needs --frozen-backbone (without it every stage trains anyway)")
     if args.lr is None:
         args.lr = CPU_RECIPE_LR.get(args.detector, 1e-2)
     if args.amp is None:
@@ -413,7 +425,7 @@ def _train_config(args: argparse.Namespace) -> Dict[str, Any]:
         "image_size": args.image_size,
         "class_names": VOC_CLASSES,
         "kwargs": {"num_classes": len(VOC_CLASSES), "backbone": args.backbone, "pretrained": args.pretrained,
-                   "freeze_backbone": args.frozen_backbone},
+                   "freeze_backbone": args.frozen_backbone, "tune_last_stage": args.tune_last_stage},
         # The data settings that shape what the model learns (checked by --resume).
         "data": {"max_train_images": args.max_train_images, "cache_features": bool(args.cache_features),
                  "cache_variants": args.cache_variants if args.cache_features else None},
@@ -488,7 +500,7 @@ def _finish_training_run(args: argparse.Namespace, config: Dict[str, Any], devic
     metrics = evaluate_detector(detector, val_set, batch_size=args.eval_batch_size or args.batch_size,
                                 score_thresh=args.score_thresh, nms_thresh=args.nms_thresh, device=device,
                                 num_workers=args.num_workers, progress=progress, return_curves=True,
-                                error_score_thresh=ERROR_SCORE_THRESH)
+                                error_score_thresh=ERROR_SCORE_THRESH, test_flip=args.test_flip)
     _write_eval_outputs(metrics, out, history)
     seconds = {**seconds, "eval": metrics["seconds"], "total": time.time() - start}
     final_loss, window = _final_loss(history)
@@ -537,13 +549,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval_{args.split}"
     metric = AP_METRIC_NAMES[bool(args.use_07_metric)]
     print(f"Evaluating {args.checkpoint} ({DETECTOR_NAMES.get(config['detector'], config['detector'])}) on "
-          f"{plural(len(dataset), args.split + ' image')} from {args.data_dir}, on {device}; AP@0.5 {metric}.",
+          f"{plural(len(dataset), args.split + ' image')} from {args.data_dir}, on {device}; AP@0.5 {metric}"
+          + (", with test-time flip." if args.test_flip else "."),
           flush=True)
     metrics = evaluate_detector(detector, dataset, batch_size=args.batch_size, score_thresh=args.score_thresh,
                                 nms_thresh=args.nms_thresh, device=device, num_workers=args.num_workers,
                                 use_07_metric=args.use_07_metric, exact_tenths=args.exact_tenths,
                                 progress="lines" if args.no_progress else "auto",
-                                return_curves=True, error_score_thresh=ERROR_SCORE_THRESH)
+                                return_curves=True, error_score_thresh=ERROR_SCORE_THRESH,
+                                test_flip=args.test_flip)
     out.mkdir(parents=True, exist_ok=True)
     _write_eval_outputs(metrics, out)
     (out / "metrics.json").write_text(json.dumps(_metrics_for_json(metrics), indent=2))
@@ -737,6 +751,9 @@ def _add_common_args(p: argparse.ArgumentParser, data_default: str) -> None:
                    help="data-loading worker processes")
     p.add_argument("--score-thresh", type=_unit_float, default=0.05, help="score threshold for evaluation detections")
     p.add_argument("--nms-thresh", type=_unit_float, default=0.5, help="NMS IoU threshold at inference")
+    p.add_argument("--test-flip", action="store_true",
+                   help="evaluation also detects on each image's mirror image and merges both "
+                        "(test-time flip: about twice the evaluation time)")
     p.add_argument("--no-progress", action="store_true",
                    help="progress as a plain line every few seconds instead of a bar (automatic when the "
                         "output is not a terminal)")
@@ -768,6 +785,10 @@ def _add_train_model_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--cache-features", action=argparse.BooleanOptionalAction, default=None,
                    help="with --frozen-backbone: compute backbone features once per training image and variant, "
                         "then train from them instead of images. Default: on with --frozen-backbone")
+    t.add_argument("--tune-last-stage", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --frozen-backbone: fine-tune the backbone's last (stride-32) stage all the same, "
+                        "recomputing c5 from the cached c4 (costs about a third more per iteration, worth "
+                        "several AP points). Default: on with --frozen-backbone")
     t.add_argument("--cache-variants", type=_variants_arg, default=",".join(CPU_RECIPE_CACHE_VARIANTS),
                    help="comma-separated image variants to cache: orig, flip, jitter0, jitter1, ...")
     t.add_argument("--cache-dir", default=None,

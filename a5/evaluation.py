@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from a5.utils import TensorDict, autocast_dtype, resolve_device
 from a5.progress import ProgressReporter, _progress_mode, plural
 from a5.data import MapsBoxesToOriginal, NamesClasses, NamesImages, VOC_CLASSES, _eval_view, _unwrap_subset
+from a5.tta import predict_with_flip
 
 
 # ======================================================================================
@@ -466,6 +467,13 @@ def _warn_nonfinite(image_names: List[str]) -> None:
                       + ". The model has probably diverged.")
 
 
+def _check_test_flip(detector: nn.Module, test_flip: bool) -> None:
+    """Test-time flip merges two batched `predict` calls: refuse detectors without one."""
+    if test_flip and not isinstance(detector, BatchPredictor):
+        raise TypeError(f"test_flip needs a detector with a batched predict(images, score_thresh=, nms_thresh=); "
+                        f"{type(detector).__name__} has none")
+
+
 def collect_predictions(
     detector: nn.Module,
     dataset: Dataset,
@@ -479,8 +487,12 @@ def collect_predictions(
     amp: bool = False,
     progress: Union[bool, str] = True,
     class_names: Optional[Sequence[str]] = None,
+    test_flip: bool = False,
 ) -> Tuple[GroundTruths, Detections]:
     """Run batched inference over every image of `dataset` (evaluation transform).
+
+    `test_flip`: also detect on every image's mirror image and merge the two
+    (`a5.tta.predict_with_flip`; twice the inference time, needs `detector.predict`).
 
     `progress`: True: a bar on a terminal, plain lines in a log (`ProgressReporter`);
     "lines": plain lines always; False / "off": silent.
@@ -491,6 +503,7 @@ def collect_predictions(
     Images without detections are still listed in `ground_truths`.
     """
     device = resolve_device(device)
+    _check_test_flip(detector, test_flip)
     dataset = _eval_view(dataset)
     base, base_indices = _unwrap_subset(dataset)
     if class_names is None:
@@ -505,8 +518,9 @@ def collect_predictions(
                            mode=_progress_mode(progress))
     for indices, (paths, images, gt_boxes) in loader:
         images = images.to(device=device, dtype=dtype)
-        with _eval_autocast(device, amp):
-            outputs = predict_batch(detector, images, score_thresh, nms_thresh)
+        with _eval_autocast(device, amp), torch.no_grad():
+            outputs = (predict_with_flip(detector, images, score_thresh, nms_thresh, max_per_image=max_detections)
+                       if test_flip else predict_batch(detector, images, score_thresh, nms_thresh))
         for k, (index, path) in enumerate(zip(indices, paths)):
             image_id, truths, found, finite = _image_results(base, base_indices[index], path, outputs[k],
                                                              gt_boxes[k], class_names, max_detections)
@@ -551,6 +565,7 @@ def evaluate_detector(
     return_curves: bool = False,
     exact_tenths: bool = False,
     error_score_thresh: Optional[float] = None,
+    test_flip: bool = False,
 ) -> Dict[str, Any]:
     """Honest evaluation: batched inference over every image, VOC mAP + COCO cross-check.
 
@@ -565,11 +580,12 @@ def evaluate_detector(
         (AP@[.5:.95]), "coco_AP50", "coco_AP75" (pycocotools; NaN when coco=False),
         "num_images", "num_detections", "seconds"} (+ "curves" when return_curves, and
         "errors": `count_detection_errors` of the detections scoring at least
-        `error_score_thresh`, when it is given).
+        `error_score_thresh`, when it is given). `test_flip`: see `collect_predictions`.
     """
     start = time.time()
     ground_truths, detections = collect_predictions(
-        detector, dataset, batch_size, score_thresh, nms_thresh, device, dtype, num_workers, max_detections, amp, progress
+        detector, dataset, batch_size, score_thresh, nms_thresh, device, dtype, num_workers, max_detections, amp, progress,
+        test_flip=test_flip,
     )
     class_names = _class_names_of(_unwrap_subset(dataset)[0])
     result = compute_voc_map(ground_truths, detections, class_names, iou_threshold, use_07_metric, return_curves=True,
@@ -587,5 +603,5 @@ def evaluate_detector(
     cm = compute_coco_map(ground_truths, detections, class_names) if coco else {"mAP": nan, "AP50": nan, "AP75": nan}
     result.update({"coco_mAP": cm["mAP"], "coco_AP50": cm["AP50"], "coco_AP75": cm["AP75"],
                    "num_images": len(ground_truths), "num_detections": len(detections),
-                   "seconds": time.time() - start})
+                   "test_flip": bool(test_flip), "seconds": time.time() - start})
     return result

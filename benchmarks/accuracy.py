@@ -113,6 +113,7 @@ def pair_config(kind: str, args: argparse.Namespace) -> "common.PairConfig":
                             freeze_backbone=args.mode == "frozen-cache", image_size=args.image_size,
                             score_thresh=args.score_thresh, nms_thresh=args.nms_thresh)
     cfg.fcos.tv_head_norm = args.tv_fcos_head_norm
+    cfg.tune_last_stage = bool(args.tune_last_stage) and args.mode == "frozen-cache"
     if args.small:  # tiny widths, for smoke tests only
         cfg.fcos.fpn_channels, cfg.fcos.stem_channels = 32, (32, 32)
         cfg.faster_rcnn.fpn_channels = 32
@@ -206,11 +207,14 @@ def collect_cached_predictions(model: torch.nn.Module, cache, val_set, args: arg
     """Like ``a5_helper.collect_predictions``, reading the val images' cached features.
 
     Row ``i`` of the cache is item ``i`` of ``val_set`` (variant "orig": the whole image,
-    no crop). Boxes are mapped back to original pixels and compared with every annotated
+    no crop; with ``--test-flip`` variant "flip", its mirror image, is detected on too and
+    the two merged, ``a5.tta.predict_with_flip``). Boxes are mapped back to original pixels and compared with every annotated
     object of the image (``get_annotation``: difficult ones included, flagged).
     """
     import a5_helper as H
     from a5.data import _unwrap_subset
+
+    from a5.tta import predict_with_flip
 
     base, base_indices = _unwrap_subset(val_set)
     class_names = [base.idx_to_class[i] for i in sorted(base.idx_to_class)]
@@ -222,7 +226,13 @@ def collect_cached_predictions(model: torch.nn.Module, cache, val_set, args: arg
         rows = list(range(first, min(first + args.eval_batch_size, len(base_indices))))
         _, feats, _ = cache.get_batch(rows, [0] * len(rows))
         feats = {k: v.to(device) for k, v in feats.items()}
-        outputs = H.predict_batch(model, feats, args.eval_score_thresh, args.eval_nms_thresh)
+        if args.test_flip:
+            _, mirrored, _ = cache.get_batch(rows, [1] * len(rows))
+            mirrored = {k: v.to(device) for k, v in mirrored.items()}
+            outputs = predict_with_flip(model, feats, args.eval_score_thresh, args.eval_nms_thresh, mirrored,
+                                        max_per_image=args.max_detections)
+        else:
+            outputs = H.predict_batch(model, feats, args.eval_score_thresh, args.eval_nms_thresh)
         for row, out in zip(rows, outputs):
             index = base_indices[row]
             image_id = base.image_id(index)
@@ -247,7 +257,8 @@ def evaluate_run(model: torch.nn.Module, val_set, val_cache, args: argparse.Name
         gts, dets = H.collect_predictions(model, val_set, batch_size=args.eval_batch_size,
                                           score_thresh=args.eval_score_thresh, nms_thresh=args.eval_nms_thresh,
                                           device=args.device, num_workers=args.num_workers,
-                                          max_detections=args.max_detections, progress=not args.no_progress)
+                                          max_detections=args.max_detections, progress=not args.no_progress,
+                                          test_flip=args.test_flip)
         class_names = list(H.VOC_CLASSES)
     voc = H.compute_voc_map(gts, dets, class_names, 0.5, use_07_metric=False)
     voc07 = H.compute_voc_map(gts, dets, class_names, 0.5, use_07_metric=True)
@@ -259,6 +270,7 @@ def evaluate_run(model: torch.nn.Module, val_set, val_cache, args: argparse.Name
         "per_class": voc["per_class"], "per_class_07": voc07["per_class"],
         "coco_mAP": coco.get("mAP"), "coco_AP50": coco.get("AP50"),
         "num_images": len(gts), "num_detections": len(dets), "eval_seconds": eval_seconds,
+        "test_flip": bool(args.test_flip),
     }
 
 
@@ -295,6 +307,8 @@ def results_markdown(out: Path) -> str:
         schedule = f"{c['iters']} it x {c['batch_size']}, lr {c['lr']} {c['schedule']}"
         if c.get("precision", "float32") != "float32":  # runs recorded before the field were float32
             schedule += f", {c['precision']} autocast"
+        if m["val"].get("test_flip"):
+            schedule += ", test-time flip"
         t = m["timing"]
         cache_seconds = sum(v["build_seconds"] for v in (t.get("cache") or {}).values())
         total = cache_seconds + t["train_seconds"] + t["eval_seconds"]
@@ -406,6 +420,18 @@ def plot_detections(out: Path, kind: str, models: Dict[str, torch.nn.Module], va
 # --------------------------------------------------------------------------------------
 
 
+def _add_evaluation_args(p: argparse.ArgumentParser) -> None:
+    """How the val images are evaluated (the devkit protocol's thresholds, test-time flip)."""
+    p.add_argument("--eval-score-thresh", type=float, default=0.05)
+    p.add_argument("--eval-nms-thresh", type=float, default=0.5)
+    p.add_argument("--test-flip", action="store_true",
+                   help="also detect on each val image's mirror image and merge (val cache with 'orig', 'flip')")
+    p.add_argument("--max-detections", type=int, default=100)
+    p.add_argument("--eval-batch-size", type=int, default=32)
+    p.add_argument("--coco", action=argparse.BooleanOptionalAction, default=True,
+                   help="also compute pycocotools' COCO mAP (cross-check)")
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     import a5_helper as H
 
@@ -436,16 +462,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    default=None, help="train-image variants cached: orig, flip, jitter0, ... "
                                       "(default: a5_helper.CPU_RECIPE_CACHE_VARIANTS)")
     p.add_argument("--cache-dir", default=None, help="feature caches (default: OUT/cache)")
+    p.add_argument("--tune-last-stage", action=argparse.BooleanOptionalAction, default=True,
+                   help="frozen-cache mode: fine-tune the backbone's stride-32 stage on the cached c4 "
+                        "(both implementations)")
     p.add_argument("--cache-batch-size", type=int, default=32)
     p.add_argument("--tv-fcos-head-norm", default="groupnorm", choices=("groupnorm", "none"))
     p.add_argument("--score-thresh", type=float, default=0.2, help=argparse.SUPPRESS)
     p.add_argument("--nms-thresh", type=float, default=0.6, help=argparse.SUPPRESS)
-    p.add_argument("--eval-score-thresh", type=float, default=0.05)
-    p.add_argument("--eval-nms-thresh", type=float, default=0.5)
-    p.add_argument("--max-detections", type=int, default=100)
-    p.add_argument("--eval-batch-size", type=int, default=32)
-    p.add_argument("--coco", action=argparse.BooleanOptionalAction, default=True,
-                   help="also compute pycocotools' COCO mAP (cross-check)")
+    _add_evaluation_args(p)
     p.add_argument("--max-train-images", type=int, default=None)
     p.add_argument("--max-val-images", type=int, default=None)
     p.add_argument("--picture-index", type=int, default=3, help="val image drawn in detections_*.png")
@@ -497,7 +521,9 @@ def training_loader(args: argparse.Namespace, train_set, val_set, out: Path,
     backbone = frozen_backbone(args)
     train_cache, cache_info["train"] = build_cache(backbone, train_set, args.cache_variants,
                                                    cache_root / "train", args)
-    val_cache, cache_info["val"] = build_cache(backbone, val_set, ["orig"], cache_root / "val", args)
+    # Test-time flip needs the mirror images' features: a cache of its own ("orig", "flip").
+    val_variants, val_dir = (["orig", "flip"], "val_flip") if args.test_flip else (["orig"], "val")
+    val_cache, cache_info["val"] = build_cache(backbone, val_set, val_variants, cache_root / val_dir, args)
     del backbone
     loader = DataLoader(train_cache, batch_size=args.batch_size, shuffle=True, collate_fn=H.collate_cached)
     return loader, val_cache, cache_info

@@ -79,6 +79,8 @@ class PairConfig:
     backbone: str = "mobilenet_v2"
     pretrained: bool = False
     freeze_backbone: bool = False
+    # Fine-tune the CNN's stride-32 stage of a frozen backbone (on cached c4), both models.
+    tune_last_stage: bool = False
     image_size: int = 224
     # Inference thresholds used by *both* models (torchvision's FCOS defaults).
     score_thresh: float = 0.2
@@ -109,6 +111,8 @@ def ours_model_config(kind: str, cfg: PairConfig) -> Dict[str, Any]:
         raise ValueError(f"unknown detector {kind!r} (fcos or faster_rcnn)")
     kwargs.update(num_classes=c.num_classes, backbone=cfg.backbone, pretrained=cfg.pretrained,
                   freeze_backbone=cfg.freeze_backbone)
+    if cfg.tune_last_stage:  # recorded only when on, so that older run configs still match
+        kwargs["tune_last_stage"] = True
     return {"detector": kind, "image_size": cfg.image_size, "kwargs": kwargs}
 
 

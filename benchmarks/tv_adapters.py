@@ -67,6 +67,8 @@ class TorchvisionBackboneFPN(nn.Module):
         out_channels: FPN width (same as ours).
         freeze_body: run the body under ``no_grad`` and keep it in eval mode (frozen-backbone
             mode, like ours with ``freeze_backbone=True``).
+        tune_last_stage: with ``freeze_body``, train the body's c4 -> c5 stage all the same
+            and recompute c5 from c4 (like ours with ``tune_last_stage=True``).
 
     ``forward`` takes images or an already computed ``{"c3", "c4", "c5"}`` dict (feature
     cache) and returns an ``OrderedDict`` ``{"p3", "p4", "p5"}``; torchvision's detectors read
@@ -74,7 +76,7 @@ class TorchvisionBackboneFPN(nn.Module):
     """
 
     def __init__(self, body: nn.Module, in_channels: Sequence[int], out_channels: int,
-                 freeze_body: bool = False) -> None:
+                 freeze_body: bool = False, tune_last_stage: bool = False) -> None:
         super().__init__()
         self.body = body
         # extra_blocks=None: no LastLevelMaxPool / P6P7, so exactly three output levels.
@@ -84,6 +86,13 @@ class TorchvisionBackboneFPN(nn.Module):
         if freeze_body:
             self.body.requires_grad_(False)
             self.body.eval()
+        from fcos import last_stage_of, unfreeze_except_batchnorm  # (lazy, like BACKBONE_SPECS below)
+
+        self.tune_last_stage = tune_last_stage
+        # The body's own c4 -> c5 layers (shared weights), outside the registered children.
+        self.__dict__["_last_stage"] = last_stage_of(body) if tune_last_stage else None
+        if tune_last_stage:
+            unfreeze_except_batchnorm(self._last_stage)
 
     @classmethod
     def from_ours(cls, ours_backbone: nn.Module, freeze_body: Optional[bool] = None,
@@ -100,7 +109,8 @@ class TorchvisionBackboneFPN(nn.Module):
         in_channels = _body_channels(ours_backbone, body)
         if freeze_body is None:
             freeze_body = bool(getattr(ours_backbone, "freeze_backbone", False))
-        module = cls(body, in_channels, ours_backbone.out_channels, freeze_body=freeze_body)
+        module = cls(body, in_channels, ours_backbone.out_channels, freeze_body=freeze_body,
+                     tune_last_stage=bool(getattr(ours_backbone, "tune_last_stage", False)))
         fpn_params = getattr(ours_backbone, "fpn_params", None)
         if copy_fpn and fpn_params is not None:
             module.copy_fpn_from(fpn_params)
@@ -139,6 +149,8 @@ class TorchvisionBackboneFPN(nn.Module):
                 feats = self.body(x)
         else:
             feats = self.body(x)
+        if self.tune_last_stage:
+            feats = {**feats, "c5": self._last_stage(feats["c4"])}
         out = self.fpn(OrderedDict((k, feats[k]) for k in ("c3", "c4", "c5")))
         return OrderedDict(zip(LEVELS, out.values()))
 

@@ -163,6 +163,30 @@ def test_torchvision_adapter_on_cached_features(kind):
 
 
 @pytest.mark.part("provided")
+@pytest.mark.parametrize("kind", ["fcos", "faster_rcnn"])
+def test_both_implementations_fine_tune_the_last_stage_alike(kind):
+    """--tune-last-stage: ours and torchvision's recompute c5 from the cached c4 and train
+    the same CNN layers (BatchNorm frozen); nothing else of the CNN trains."""
+    cfg = _small_cfg()
+    cfg.freeze_backbone = cfg.tune_last_stage = True
+    torch.manual_seed(0)
+    with needs_student_code():
+        ours, theirs = common.build_pair(kind, cfg, torch.device("cpu"))
+    assert common.ours_model_config(kind, cfg)["kwargs"]["tune_last_stage"] is True
+    trained = {"ours": [n for n, p in ours.backbone.backbone.named_parameters() if p.requires_grad],
+               "torchvision": [n for n, p in theirs.backbone.body.named_parameters() if p.requires_grad]}
+    assert trained["ours"] and trained["ours"] == trained["torchvision"]
+    with torch.no_grad():
+        feats = ours.backbone.extract_features(torch.randn(2, 3, 64, 64))
+    _, gt = common.random_batch(2, 64, max_boxes=3, seed=1)
+    theirs.train()
+    sum(theirs({**feats, "c5": torch.zeros_like(feats["c5"])}, gt).values()).backward()
+    grads = {n: p.grad for n, p in theirs.backbone.body.named_parameters()}
+    assert all(grads[n] is not None for n in trained["torchvision"])
+    assert all(g is None for n, g in grads.items() if n not in trained["torchvision"])
+
+
+@pytest.mark.part("provided")
 def test_accuracy_training_resumes_and_accumulates_time(tmp_path):
     """accuracy.train_run on a tiny synthetic feature cache: train, then resume longer."""
     import a5_helper as H
@@ -215,6 +239,9 @@ def test_accuracy_results_table(tmp_path):
     metrics["config"]["precision"] = "bfloat16"
     (run / "metrics.json").write_text(json.dumps(metrics))
     assert "10 it x 16, lr 0.01 cosine, bfloat16 autocast |" in accuracy.results_markdown(tmp_path)
+    metrics["val"]["test_flip"] = True
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    assert "10 it x 16, lr 0.01 cosine, bfloat16 autocast, test-time flip |" in accuracy.results_markdown(tmp_path)
 
 
 @pytest.mark.part("provided")

@@ -117,3 +117,19 @@ def test_cacheable_backbone_protocol():
     with torch.no_grad():
         next(p for n, p in det.backbone.named_parameters() if n.startswith(a5.cache.TRAINED_PREFIXES)).add_(1.0)
     assert h.backbone_state_hash(det.backbone) == before
+
+
+def test_cache_key_ignores_a_last_stage_being_fine_tuned():
+    import fcos
+
+    tuned = fcos.DetectorBackboneWithFPN(8, backbone="mobilenet_v2", pretrained=False, freeze_backbone=True,
+                                         tune_last_stage=True)
+    frozen = copy.deepcopy(tuned)
+    frozen.tune_last_stage = False
+    frozen.requires_grad_(False)
+    before = (h.backbone_state_hash(tuned), h.backbone_state_hash(frozen))
+    with torch.no_grad():
+        for module in (tuned, frozen):
+            next(p for p in module.last_stage().parameters() if p.dim() == 4).add_(1.0)
+    assert h.backbone_state_hash(tuned) == before[0], "the stage trained on top of the cache is not its key"
+    assert h.backbone_state_hash(frozen) != before[1], "a frozen last stage computes the cached c5: part of the key"

@@ -49,6 +49,11 @@ def test_cli_train_eval_predict_end_to_end(tiny_voc, tmp_path, capsys, tiny_buil
                    "--no-progress", "--device", "cpu"]) == 0
     assert "val mAP:" in capsys.readouterr().out
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["num_images"] == 2
+    assert h.main(["eval", "--checkpoint", str(out / "model_final.pt"), "--max-val-images", "2", "--test-flip",
+                   "--out", str(tmp_path / "ev_flip"), "--data-dir", str(tiny_voc), "--num-workers", "0",
+                   "--no-progress", "--device", "cpu"]) == 0
+    assert "with test-time flip" in capsys.readouterr().out
+    assert json.loads((tmp_path / "ev_flip" / "metrics.json").read_text())["test_flip"] is True
 
     images = [str(tiny_voc / "VOCdevkit/VOC2007/JPEGImages/000007.jpg")]
     assert h.main(["predict", "--checkpoint", str(out / "last.pt"), *images, "--out", str(tmp_path / "pred"),
@@ -79,8 +84,12 @@ def test_cli_defaults_to_frozen_cached_training_on_cpu(tiny_voc, tmp_path, tiny_
             "--out", str(out), "--max-val-images", "2", "--data-dir", str(tiny_voc),
             "--num-workers", "0", "--no-progress", "--device", "cpu"]
     assert h.main(args) == 0
-    assert h.load_checkpoint(out / "model_final.pt")["config"]["kwargs"]["freeze_backbone"] is True
-    assert "cached features (" in (out / "summary.txt").read_text()
+    kwargs = h.load_checkpoint(out / "model_final.pt")["config"]["kwargs"]
+    assert kwargs["freeze_backbone"] is True and kwargs["tune_last_stage"] is True
+    summary = (out / "summary.txt").read_text()
+    assert "cached features (" in summary and "last stage fine-tuned" in summary
+    with pytest.raises(SystemExit, match="--tune-last-stage needs --frozen-backbone"):
+        h.main(args + ["--no-frozen-backbone", "--tune-last-stage", "--overwrite"])
     # The resolved defaults are recorded: the recipe's variants, the fallback lr of a
     # detector without a recipe entry, and whether autocast ran (this CPU's choice).
     recorded = json.loads((out / "metrics.json").read_text())["args"]

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from torch.utils.data import Subset
 
 import a5_helper as h
@@ -118,3 +119,35 @@ def test_evaluate_detector_oracle_counts_every_image(tiny_voc):
     # The evaluation uses the whole image even when given an augmenting dataset / a Subset.
     aug = Subset(h.VOC2007DetectionTiny(tiny_voc, "val", image_size=64, augment=True), [0, 1])
     assert h.evaluate_detector(ColorOracle(), aug, coco=False, progress=False)["mAP"] > 0.99
+
+
+class _LeftHalfOracle(ColorOracle):
+    """ColorOracle blind to the right half of every image: test-time flip lets it see the
+    objects there in the mirror image."""
+
+    def predict(self, images, score_thresh=0.3, nms_thresh=0.5):
+        results = super().predict(images, score_thresh, nms_thresh)
+        half = images.shape[-1] / 2
+        return [{k: v[r["boxes"][:, 2] <= half] for k, v in r.items()} for r in results]
+
+
+def test_evaluate_detector_with_test_time_flip(tiny_voc):
+    ds = h.VOC2007DetectionTiny(tiny_voc, "val", image_size=64)
+    plain = h.evaluate_detector(ColorOracle(), ds, batch_size=3, progress=False, coco=False)
+    flipped = h.evaluate_detector(ColorOracle(), ds, batch_size=3, progress=False, coco=False, test_flip=True)
+    # A mirror-symmetric detector: the mirrored boxes land on the same objects and merge.
+    assert flipped["mAP"] > 0.99 and flipped["num_detections"] == plain["num_detections"]
+    half_blind = h.evaluate_detector(_LeftHalfOracle(), ds, batch_size=3, progress=False, coco=False)
+    half_flipped = h.evaluate_detector(_LeftHalfOracle(), ds, batch_size=3, progress=False, coco=False,
+                                       test_flip=True)
+    assert half_flipped["mAP"] > half_blind["mAP"] and half_flipped["num_detections"] > half_blind["num_detections"]
+
+
+def test_test_time_flip_needs_a_batched_predict(tiny_voc):
+    class CourseInterfaceOnly(torch.nn.Module):
+        def forward(self, images, gt_boxes=None, test_score_thresh=None, test_nms_thresh=None):
+            raise AssertionError("not called")
+
+    ds = h.VOC2007DetectionTiny(tiny_voc, "val", image_size=64)
+    with pytest.raises(TypeError, match="test_flip needs .*CourseInterfaceOnly"):
+        h.collect_predictions(CourseInterfaceOnly(), ds, progress=False, test_flip=True)

@@ -159,6 +159,47 @@ def test_frozen_backbone_mode():
     assert all(not f.requires_grad for f in feats.values())
 
 
+@pytest.mark.part("fpn")
+@pytest.mark.parametrize("backbone", ["regnet_x_400mf", "mobilenet_v2"])
+def test_last_stage_is_the_cnns_c4_to_c5_part(backbone):
+    """Provided code (built with the FPN layers): the stage that tune_last_stage trains."""
+    torch.manual_seed(0)
+    model = DetectorBackboneWithFPN(8, backbone=backbone, pretrained=False, freeze_backbone=True)
+    feats = model.extract_features(torch.randn(2, 3, 64, 96))
+    with torch.no_grad():
+        check_close("last_stage()(c4), against the CNN's c5", model.last_stage()(feats["c4"]), feats["c5"],
+                    atol=1e-4, rtol=1e-4)
+    stage_convs = [m for m in model.last_stage().modules() if isinstance(m, nn.Conv2d)]
+    body_convs = {id(m) for m in model.backbone.modules()}
+    assert stage_convs and all(id(m) in body_convs for m in stage_convs), "the stage shares the CNN's layers"
+
+
+@pytest.mark.part("fpn")
+def test_tune_last_stage_trains_the_stage_on_cached_c4():
+    torch.manual_seed(0)
+    frozen = DetectorBackboneWithFPN(8, backbone="mobilenet_v2", pretrained=False, freeze_backbone=True)
+    tuned = DetectorBackboneWithFPN(8, backbone="mobilenet_v2", pretrained=False, freeze_backbone=True,
+                                    tune_last_stage=True)
+    tuned.load_state_dict(frozen.state_dict())  # same keys: checkpoints do not depend on the option
+    stage = {id(p) for p in tuned.last_stage().parameters()}
+    trained = [(n, p) for n, p in tuned.backbone.named_parameters() if p.requires_grad]
+    assert trained and all(id(p) in stage for _, p in trained), "only the last stage of the CNN trains"
+    batchnorms = [m for m in tuned.last_stage().modules() if isinstance(m, nn.BatchNorm2d)]
+    assert batchnorms and all(not p.requires_grad for m in batchnorms for p in m.parameters())
+    tuned.train()
+    assert not any(m.training for m in batchnorms), "BatchNorm keeps its ImageNet statistics"
+
+    feats = tuned.extract_features(torch.randn(2, 3, 64, 64))
+    # A cached c5 is ignored: c5 comes from c4 through the stage being trained.
+    out = tuned({**feats, "c5": torch.zeros_like(feats["c5"])})
+    check_close("p5 with tune_last_stage (c5 recomputed from c4)", out["p5"], frozen(feats)["p5"],
+                atol=1e-4, rtol=1e-4)
+    out["p5"].sum().backward()
+    assert all(p.grad is not None for _, p in trained)
+    with pytest.raises(ValueError, match="freeze_backbone"):
+        DetectorBackboneWithFPN(8, backbone="mobilenet_v2", pretrained=False, tune_last_stage=True)
+
+
 def _fpn_convs(model: DetectorBackboneWithFPN):
     """The FPN's convolutions, found by shape (whatever the student named them):
     1x1 "lateral" convs keyed by their input channels, and the 3x3 "output" convs."""
