@@ -45,8 +45,8 @@ from a5.plots import (
 
 
 def _build_fcos(num_classes: int = 20, backbone: str = "mobilenet_v2", pretrained: bool = True,
-                freeze_backbone: bool = False, tune_last_stage: bool = False, fpn_channels: int = 128, stem_channels: Sequence[int] = (128, 128),
-                **extra: Any) -> nn.Module:
+                freeze_backbone: bool = False, tune_last_stage: bool = False, fpn_channels: int = 128,
+                stem_channels: Sequence[int] = (128, 128), **extra: Any) -> nn.Module:
     import fcos
 
     return fcos.FCOS(num_classes=num_classes, fpn_channels=fpn_channels, stem_channels=list(stem_channels),
@@ -55,7 +55,8 @@ def _build_fcos(num_classes: int = 20, backbone: str = "mobilenet_v2", pretraine
 
 
 def _build_faster_rcnn(num_classes: int = 20, backbone: str = "mobilenet_v2", pretrained: bool = True,
-                       freeze_backbone: bool = False, tune_last_stage: bool = False, fpn_channels: int = 64, stem_channels: Sequence[int] = (64, 64),
+                       freeze_backbone: bool = False, tune_last_stage: bool = False, fpn_channels: int = 64,
+                       stem_channels: Sequence[int] = (64, 64),
                        rpn_stem_channels: Sequence[int] = (64, 64), rpn_batch_size_per_image: int = 16,
                        roi_batch_size_per_image: int = 32, anchor_stride_scale: int = 8,
                        anchor_aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0), pre_nms_topk: int = 400,
@@ -73,12 +74,20 @@ def _build_faster_rcnn(num_classes: int = 20, backbone: str = "mobilenet_v2", pr
                           batch_size_per_image=roi_batch_size_per_image, roi_size=tuple(roi_size), **extra)
 
 
-# The CPU recipe (frozen backbone + feature cache) of the README's results table, shared by
-# the command line and benchmarks/accuracy.py. Two scale-jitter crops on top of the image and
-# its flip let 3500 iterations help instead of overfit (orig + flip peaks near 2500).
-CPU_RECIPE_ITERS = 3500
+# The CPU recipe (frozen backbone + feature cache, the backbone's last stage fine-tuned) of
+# the README's results table, shared by the command line, the notebooks and
+# benchmarks/accuracy.py. Two scale-jitter crops on top of the image and its flip give the
+# heads enough data; the iterations are what a 2-core CPU without bfloat16 hardware trains in
+# about a quarter of an hour per detector (an FCOS step costs twice a Faster R-CNN step).
+CPU_RECIPE_ITERS = {"fcos": 1200, "faster_rcnn": 2500}
 CPU_RECIPE_CACHE_VARIANTS = ("orig", "flip", "jitter0", "jitter1")
 CPU_RECIPE_LR = {"fcos": 2e-2, "faster_rcnn": 1e-2}
+
+
+def cpu_recipe_iters(detector: str) -> int:
+    """Training iterations of the CPU recipe for `detector` (the longest one for a detector
+    without a recipe entry)."""
+    return CPU_RECIPE_ITERS.get(detector, max(CPU_RECIPE_ITERS.values()))
 
 # name -> builder(**kwargs). Tests may register small stand-ins here.
 DETECTOR_BUILDERS: Dict[str, Callable[..., nn.Module]] = {"fcos": _build_fcos, "faster_rcnn": _build_faster_rcnn}
@@ -264,8 +273,9 @@ def _train_plan(args: argparse.Namespace, config: Dict[str, Any], device: torch.
     rows.append(("training", f"{plural(args.iters, 'iteration')}, batch {args.batch_size}, lr {args.lr:g} "
                              f"({warmup} warm-up, {args.lr_schedule} decay), checkpoint every "
                              f"{plural(args.checkpoint_period, 'iteration')}{resume}"))
-    rows.append(("evaluation", f"then on {plural(len(val_set), 'val image')}: VOC AP@0.5 (all-point and "
-                               "11-point), COCO mAP, error breakdown"))
+    flip = ", with test-time flip (--no-test-flip: without)" if args.test_flip else ""
+    rows.append(("evaluation", f"then on {plural(len(val_set), 'val image')}{flip}: VOC AP@0.5 (all-point "
+                               "and 11-point), COCO mAP, error breakdown"))
     rows.append(("output", f"{out}/ (checkpoints, metrics.json, summary.txt, plots)"))
     return lines + [f"  {key:<11} {value}" for key, value in rows]
 
@@ -409,6 +419,10 @@ def _resolve_train_defaults(args: argparse.Namespace, device: torch.device, rank
         raise SystemExit("--tune-last-stage needs --frozen-backbone (without it every stage trains anyway)")
     if args.lr is None:
         args.lr = CPU_RECIPE_LR.get(args.detector, 1e-2)
+    if args.iters is None:
+        args.iters = cpu_recipe_iters(args.detector)
+    if args.test_flip is None:
+        args.test_flip = args.frozen_backbone
     if args.amp is None:
         args.amp = default_amp(device)  # resolved here so that metrics.json records what ran
 
@@ -544,6 +558,8 @@ def _config_differences(stored: Dict[str, Any], requested: Dict[str, Any], prefi
 def _cmd_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     detector, config = load_detector(args.checkpoint, device, trusted=args.trust_checkpoint)
+    if args.test_flip is None:  # as `train` evaluated it: with test-time flip for the CPU recipe
+        args.test_flip = bool(config.get("kwargs", {}).get("freeze_backbone"))
     dataset = VOC2007DetectionTiny(args.data_dir, args.split, image_size=config.get("image_size", 224), augment=False)
     dataset = _first_n(dataset, args.max_val_images)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval_{args.split}"
@@ -751,9 +767,10 @@ def _add_common_args(p: argparse.ArgumentParser, data_default: str) -> None:
                    help="data-loading worker processes")
     p.add_argument("--score-thresh", type=_unit_float, default=0.05, help="score threshold for evaluation detections")
     p.add_argument("--nms-thresh", type=_unit_float, default=0.5, help="NMS IoU threshold at inference")
-    p.add_argument("--test-flip", action="store_true",
-                   help="evaluation also detects on each image's mirror image and merges both "
-                        "(test-time flip: about twice the evaluation time)")
+    p.add_argument("--test-flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="evaluation also detects on each image's mirror image and merges both (test-time "
+                        "flip: about twice the evaluation time). Default: on for a frozen-backbone model "
+                        "(the CPU recipe)")
     p.add_argument("--no-progress", action="store_true",
                    help="progress as a plain line every few seconds instead of a bar (automatic when the "
                         "output is not a terminal)")
@@ -793,8 +810,10 @@ def _add_train_model_args(t: argparse.ArgumentParser) -> None:
                    help="comma-separated image variants to cache: orig, flip, jitter0, jitter1, ...")
     t.add_argument("--cache-dir", default=None,
                    help="folder for an on-disk feature cache reused by later runs (default: in memory)")
-    t.add_argument("--iters", type=_positive_int, default=CPU_RECIPE_ITERS,
-                   help="training iterations (the CPU recipe; the course schedule on a GPU is 9000)")
+    t.add_argument("--iters", type=_positive_int, default=None,
+                   help="training iterations (default: the CPU recipe's, "
+                        + ", ".join(f"{k} {v}" for k, v in CPU_RECIPE_ITERS.items())
+                        + "; the course schedule on a GPU is 9000)")
     t.add_argument("--batch-size", type=_positive_int, default=16, help="images per iteration (per process under torchrun)")
     t.add_argument("--eval-batch-size", type=_positive_int, default=None, help="images per inference batch (default: --batch-size)")
     t.add_argument("--image-size", type=_image_size_arg, default=224, help="images are resized to a square of this side")

@@ -137,6 +137,13 @@ def learning_rate(kind: str, args: argparse.Namespace) -> float:
     return args.lr if args.lr is not None else H.CPU_RECIPE_LR[kind]
 
 
+def iterations(kind: str, args: argparse.Namespace) -> int:
+    """--iters, or the CPU recipe's iterations of this detector."""
+    import a5_helper as H
+
+    return args.iters if args.iters is not None else H.cpu_recipe_iters(kind)
+
+
 def precision(args: argparse.Namespace) -> str:
     """What the training step computes in: autocast dtype (a5_helper's choice) or float32."""
     import a5_helper as H
@@ -150,7 +157,7 @@ def run_config(kind: str, impl: str, args: argparse.Namespace) -> Dict[str, Any]
     return {
         "detector": kind, "impl": impl, "mode": args.mode, "model": common.ours_model_config(kind, cfg),
         "tv_fcos_head_norm": args.tv_fcos_head_norm if impl == "torchvision" and kind == "fcos" else None,
-        "iters": args.iters, "batch_size": args.batch_size, "lr": learning_rate(kind, args), "schedule": args.schedule,
+        "iters": iterations(kind, args), "batch_size": args.batch_size, "lr": learning_rate(kind, args), "schedule": args.schedule,
         "warmup_iters": args.warmup_iters, "weight_decay": args.weight_decay, "grad_clip": args.grad_clip,
         "precision": precision(args), "seed": args.seed, "cache_variants": list(args.cache_variants) if args.mode == "frozen-cache" else None,
         "max_train_images": args.max_train_images, "image_size": args.image_size,
@@ -192,7 +199,7 @@ def train_run(model: torch.nn.Module, loader: DataLoader, run_dir: Path, config:
         return {"wall_seconds": prior + time.time() - start}
 
     history = H.train_detector(
-        model, loader, learning_rate=config["lr"], weight_decay=args.weight_decay, max_iters=args.iters,
+        model, loader, learning_rate=config["lr"], weight_decay=args.weight_decay, max_iters=config["iters"],
         log_period=args.log_period, device=args.device, lr_schedule=args.schedule, warmup_iters=args.warmup_iters,
         grad_clip=args.grad_clip if args.grad_clip > 0 else None, amp=args.amp, checkpoint_dir=run_dir,
         checkpoint_period=args.checkpoint_period, resume=True, seed=args.seed, progress=not args.no_progress,
@@ -442,7 +449,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--mode", default="frozen-cache", choices=("frozen-cache", "end-to-end"),
                    help="frozen-cache: frozen pretrained backbone, features cached once (CPU); "
                         "end-to-end: the whole network trains on augmented images (GPU)")
-    p.add_argument("--iters", type=int, default=None, help="default: a5_helper.CPU_RECIPE_ITERS")
+    p.add_argument("--iters", type=int, default=None,
+                   help="default: a5_helper.CPU_RECIPE_ITERS of each detector")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default: a5_helper.CPU_RECIPE_LR of each detector)")
@@ -484,8 +492,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--small", action="store_true", help=argparse.SUPPRESS)  # tiny widths, smoke tests
     args = p.parse_args(argv)
-    if args.iters is None:
-        args.iters = H.CPU_RECIPE_ITERS
     if args.cache_variants is None:
         args.cache_variants = list(H.CPU_RECIPE_CACHE_VARIANTS)
     return args
@@ -573,7 +579,7 @@ def train_and_evaluate(kind: str, impl: str, loader: DataLoader, val_set, val_ca
     H.reset_seed(args.seed)  # same initialisation seed for every model
     model = build_model(kind, impl, args)
     print(f"[accuracy] {name}: {common.num_parameters(model):,} trainable parameters, "
-          f"{args.iters} iterations", flush=True)
+          f"{config['iters']} iterations", flush=True)
     history, train_seconds = train_run(model, loader, run_dir, config, args)
     (run_dir / "history.json").write_text(json.dumps(history))
     val = evaluate_run(model, val_set, val_cache, args)

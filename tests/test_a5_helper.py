@@ -111,7 +111,10 @@ def test_notebooks_train_with_the_cpu_recipe(notebook, detector):
     iters, lr = re.search(r"elif USE_FEATURE_CACHE:\n\s+ITERS, LR, SCHEDULE = (\d+), ([0-9.e-]+), \"cosine\"",
                           source).groups()
     assert tuple(variants) == h.CPU_RECIPE_CACHE_VARIANTS
-    assert int(iters) == h.CPU_RECIPE_ITERS and float(lr) == h.CPU_RECIPE_LR[detector]
+    assert int(iters) == h.CPU_RECIPE_ITERS[detector] and float(lr) == h.CPU_RECIPE_LR[detector]
+    # The recipe fine-tunes the backbone's last stage (the constructor call in the cell).
+    assert "tune_last_stage=USE_FEATURE_CACHE" in source
     # ... and the command line's defaults are that recipe too.
     args = h.build_parser().parse_args(["train", "--detector", detector])
-    assert args.iters == h.CPU_RECIPE_ITERS and args.cache_variants == ",".join(h.CPU_RECIPE_CACHE_VARIANTS)
+    assert args.iters is None and args.cache_variants == ",".join(h.CPU_RECIPE_CACHE_VARIANTS)
+    assert h.cpu_recipe_iters(detector) == h.CPU_RECIPE_ITERS[detector]

@@ -204,10 +204,10 @@ def test_accuracy_training_resumes_and_accumulates_time(tmp_path):
     cache = H.CachedFeatureDataset({k: v.half() for k, v in feats.items()}, gt, [f"img{i}" for i in range(4)], ["orig"])
     loader = torch.utils.data.DataLoader(cache, batch_size=2, shuffle=True, collate_fn=H.collate_cached)
     run_dir = tmp_path / "fcos_torchvision"
-    history, seconds = accuracy.train_run(theirs, loader, run_dir, {"detector": "tv_fcos", "lr": 0.01}, args)
+    config = {"detector": "tv_fcos", "lr": 0.01, "iters": accuracy.iterations("fcos", args)}
+    history, seconds = accuracy.train_run(theirs, loader, run_dir, config, args)
     assert len(history["total_loss"]) == 2 and seconds > 0
-    args.iters = 3
-    history, seconds_after = accuracy.train_run(theirs, loader, run_dir, {"detector": "tv_fcos", "lr": 0.01}, args)
+    history, seconds_after = accuracy.train_run(theirs, loader, run_dir, {**config, "iters": 3}, args)
     assert len(history["total_loss"]) == 3
     assert seconds_after >= seconds
 

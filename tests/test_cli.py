@@ -48,12 +48,14 @@ def test_cli_train_eval_predict_end_to_end(tiny_voc, tmp_path, capsys, tiny_buil
                    "--out", str(tmp_path / "ev"), "--data-dir", str(tiny_voc), "--num-workers", "0",
                    "--no-progress", "--device", "cpu"]) == 0
     assert "val mAP:" in capsys.readouterr().out
-    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["num_images"] == 2
-    assert h.main(["eval", "--checkpoint", str(out / "model_final.pt"), "--max-val-images", "2", "--test-flip",
+    evaluated = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert evaluated["num_images"] == 2
+    assert evaluated["test_flip"] is True, "a frozen-backbone model is evaluated as the CPU recipe: with flip"
+    assert h.main(["eval", "--checkpoint", str(out / "model_final.pt"), "--max-val-images", "2", "--no-test-flip",
                    "--out", str(tmp_path / "ev_flip"), "--data-dir", str(tiny_voc), "--num-workers", "0",
                    "--no-progress", "--device", "cpu"]) == 0
-    assert "with test-time flip" in capsys.readouterr().out
-    assert json.loads((tmp_path / "ev_flip" / "metrics.json").read_text())["test_flip"] is True
+    assert "with test-time flip" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "ev_flip" / "metrics.json").read_text())["test_flip"] is False
 
     images = [str(tiny_voc / "VOCdevkit/VOC2007/JPEGImages/000007.jpg")]
     assert h.main(["predict", "--checkpoint", str(out / "last.pt"), *images, "--out", str(tmp_path / "pred"),
