@@ -348,6 +348,18 @@ def results_markdown(out: Path) -> str:
     return text
 
 
+def finished_histories(out: Path) -> Dict[Tuple[str, str], Dict[str, list]]:
+    """The loss history of every finished run under ``out`` (``<kind>_<impl>/history.json``
+    next to a metrics.json), keyed by ``(kind, impl)``."""
+    histories = {}
+    for kind in DETECTORS:
+        for impl in IMPLS:
+            run = out / f"{kind}_{impl}"
+            if (run / "metrics.json").is_file() and (run / "history.json").is_file():
+                histories[(kind, impl)] = json.loads((run / "history.json").read_text())
+    return histories
+
+
 def plot_loss_curves(out: Path, histories: Dict[Tuple[str, str], Dict[str, list]]) -> Optional[Path]:
     """Smoothed total training loss per detector, ours vs torchvision (small PNG).
 
@@ -386,7 +398,6 @@ def plot_detections(out: Path, kind: str, models: Dict[str, torch.nn.Module], va
     import a5_helper as H
     from a5.data import _unwrap_subset
     from a5.plots import _pyplot
-    from matplotlib.patches import Rectangle
 
     if not models:
         return None
@@ -403,16 +414,10 @@ def plot_detections(out: Path, kind: str, models: Dict[str, torch.nn.Module], va
     fig, axes = plt.subplots(1, len(models), figsize=(3.2 * len(models), 3.4), squeeze=False)
     for ax, (impl, model) in zip(axes[0], models.items()):
         pred = H.predict_batch(model.to(device), x, 0.4, args.eval_nms_thresh)[0]
-        ax.imshow(H.unnormalize_image(image).permute(1, 2, 0).numpy())
-        for box in gt[gt[:, 4] >= 0].tolist():
-            ax.add_patch(Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False,
-                                   edgecolor="red", linewidth=1.5))
-        for box, label, score in zip(pred["boxes"].tolist(), pred["labels"].tolist(), pred["scores"].tolist()):
-            ax.add_patch(Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False,
-                                   edgecolor=(0.0, 0.8, 0.2), linewidth=1.5))
-            ax.text(box[0], box[1], f"{base.idx_to_class[label]} {score:.2f}", fontsize=6, color="white",
-                    verticalalignment="top", bbox={"facecolor": (0.0, 0.6, 0.2), "alpha": 0.7, "pad": 1,
-                                                   "edgecolor": "none"})
+        rows = torch.cat([pred["boxes"].float().cpu(), pred["labels"].float().cpu()[:, None],
+                          pred["scores"].float().cpu()[:, None]], dim=1)
+        # The notebooks' drawing: class colours, labels placed where they overlap nothing.
+        H.draw_detections(ax, H.unnormalize_image(image), base.idx_to_class, gt, rows, fontsize=6)
         ax.set_title(f"{NAMES[kind]} ({impl})", fontsize=9)
         ax.axis("off")
     fig.tight_layout()
@@ -618,7 +623,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             models[impl], histories[(kind, impl)], summary[f"{kind}_{impl}"] = train_and_evaluate(
                 kind, impl, loader, val_set, val_cache, out, args, context)
         plot_detections(out, kind, models, val_set, val_cache, args)
-    plot_loss_curves(out, histories)
+    # Every finished run under OUT, also those of earlier invocations (one detector at a time).
+    plot_loss_curves(out, {**finished_histories(out), **histories})
     table = results_markdown(out)
     (out / "results.md").write_text(table)
     print()
