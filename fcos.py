@@ -427,7 +427,12 @@ class DetectorBackboneWithFPN(nn.Module):
             # run the copy with BatchNorm folded into the convs (faster).
             use_folded = not self.backbone.training and not torch.is_grad_enabled()
             body = self._folded_backbone() if use_folded else self.backbone
-            return dict(body(to_fast_layout(images)))
+            feats = dict(body(to_fast_layout(images)))
+            if self.tune_last_stage:
+                # The folded copy is not rebuilt for every step of the stage being trained:
+                # its c5 may be stale, so c5 comes from the live stage.
+                feats["c5"] = self.last_stage()(feats["c4"])
+            return feats
 
     def _folded_backbone(self) -> nn.Module:
         """``fold_batchnorm(self.backbone)``, rebuilt whenever the backbone's
@@ -436,6 +441,8 @@ class DetectorBackboneWithFPN(nn.Module):
         is kept outside the module's registered children, so it is not in the
         state dict, the parameters or the checkpoints."""
         tensors = list(self.backbone.parameters()) + list(self.backbone.buffers())
+        if self.tune_last_stage:  # changes at every step; extract_features recomputes its c5
+            tensors = [t for t in tensors if not t.requires_grad]
         key = tuple((t.data_ptr(), t._version) for t in tensors)
         cached = self.__dict__.get("_folded_backbone_cache")
         if cached is None or cached[0] != key:
@@ -461,8 +468,9 @@ class DetectorBackboneWithFPN(nn.Module):
             backbone_feats = {name: to_fast_layout(feat) for name, feat in images.items()}
         else:
             backbone_feats = self.extract_features(images)
-        if self.tune_last_stage:
-            # c5 from the stage being trained (a cached c5 is from its ImageNet weights).
+        if self.tune_last_stage and (isinstance(images, dict) or torch.is_grad_enabled()):
+            # c5 from the stage being trained, with its gradient (a cached c5 is from its
+            # ImageNet weights; extract_features computed it without autograd).
             backbone_feats["c5"] = self.last_stage()(backbone_feats["c4"])
 
         fpn_feats: TensorDict = {}

@@ -320,7 +320,11 @@ def _image_paths(base: Dataset, base_indices: List[int]) -> List[str]:
 def _check_cache_args(fpn_backbone: CacheableBackbone, base: Dataset, variants: List[str],
                       storage_dtype: torch.dtype, on_mismatch: str) -> None:
     inner = getattr(fpn_backbone, "backbone", None)
-    if inner is not None and any(p.requires_grad for p in inner.parameters()):
+    # A last stage fine-tuned on top of the cache (tune_last_stage) may train: only its input,
+    # c4, is read from the cache then.
+    tuned = ({id(p) for p in fpn_backbone.last_stage().parameters()}
+             if getattr(fpn_backbone, "tune_last_stage", False) else set())
+    if inner is not None and any(p.requires_grad and id(p) not in tuned for p in inner.parameters()):
         raise ValueError(
             "build_feature_cache needs a frozen backbone (build the detector with "
             f"{_arg_name('freeze_backbone=True', '--frozen-backbone')}): "

@@ -78,8 +78,10 @@ def _build_faster_rcnn(num_classes: int = 20, backbone: str = "mobilenet_v2", pr
 # the README's results table, shared by the command line, the notebooks and
 # benchmarks/accuracy.py. Two scale-jitter crops on top of the image and its flip give the
 # heads enough data; the iterations are what a 2-core CPU without bfloat16 hardware trains in
-# about a quarter of an hour per detector (an FCOS step costs twice a Faster R-CNN step).
+# 13-16 minutes per detector in float32 (an FCOS step costs about twice a Faster R-CNN step).
 CPU_RECIPE_ITERS = {"fcos": 1200, "faster_rcnn": 2500}
+# The default length of end-to-end training (backbone not frozen), unchanged since recipe v1.
+END_TO_END_ITERS = 3500
 CPU_RECIPE_CACHE_VARIANTS = ("orig", "flip", "jitter0", "jitter1")
 CPU_RECIPE_LR = {"fcos": 2e-2, "faster_rcnn": 1e-2}
 
@@ -419,8 +421,9 @@ def _resolve_train_defaults(args: argparse.Namespace, device: torch.device, rank
         raise SystemExit("--tune-last-stage needs --frozen-backbone (without it every stage trains anyway)")
     if args.lr is None:
         args.lr = CPU_RECIPE_LR.get(args.detector, 1e-2)
+    args.recipe_iters = args.iters is None  # a resumed run then keeps its own length
     if args.iters is None:
-        args.iters = cpu_recipe_iters(args.detector)
+        args.iters = cpu_recipe_iters(args.detector) if args.frozen_backbone else END_TO_END_ITERS
     if args.test_flip is None:
         args.test_flip = args.frozen_backbone
     if args.amp is None:
@@ -443,6 +446,8 @@ def _train_config(args: argparse.Namespace) -> Dict[str, Any]:
         # The data settings that shape what the model learns (checked by --resume).
         "data": {"max_train_images": args.max_train_images, "cache_features": bool(args.cache_features),
                  "cache_variants": args.cache_variants if args.cache_features else None},
+        # How `train` evaluated the model (`eval` does the same by default); not checked by --resume.
+        "eval": {"test_flip": bool(args.test_flip)},
     }
     # Widths default to each detector's course configuration (FCOS 128, Faster R-CNN 64).
     if args.fpn_channels is not None:
@@ -450,6 +455,17 @@ def _train_config(args: argparse.Namespace) -> Dict[str, Any]:
     if args.stem_channels is not None:
         config["kwargs"]["stem_channels"] = _int_list(args.stem_channels)
     return config
+
+
+def _keep_stored_length(args: argparse.Namespace, checkpoint: Dict[str, Any], rank: int) -> None:
+    """--resume without --iters: continue to the run's own length (the schedule is stretched
+    over it), not to the current default's."""
+    stored = (checkpoint.get("scheduler") or {}).get("max_iters")
+    if getattr(args, "recipe_iters", False) and isinstance(stored, int) and stored != args.iters:
+        if rank == 0:
+            print(f"--resume: the run trains for {plural(stored, 'iteration')} as it started "
+                  f"(the default is now {args.iters}; --iters changes it).")
+        args.iters = stored
 
 
 def _prepare_run_dir(args: argparse.Namespace, out: Path, config: Dict[str, Any], rank: int,
@@ -469,7 +485,9 @@ def _prepare_run_dir(args: argparse.Namespace, out: Path, config: Dict[str, Any]
                 (out / name).unlink(missing_ok=True)
             print(f"--overwrite: deleted {', '.join(existing)} in {out}.")
     if args.resume and resume_ckpt.is_file():
-        stored = load_resumable(resume_ckpt, trusted=args.trust_checkpoint, warn=False)[1].get("config")
+        checkpoint = load_resumable(resume_ckpt, trusted=args.trust_checkpoint, warn=False)[1]
+        stored = checkpoint.get("config")
+        _keep_stored_length(args, checkpoint, rank)
         if stored:
             changed = _config_differences(stored, config)
             if changed and not args.allow_changed_settings:
@@ -481,7 +499,9 @@ def _prepare_run_dir(args: argparse.Namespace, out: Path, config: Dict[str, Any]
                 )
             # The architecture cannot change under a checkpoint: the stored model is resumed.
             # Data settings come from this command line and are recorded as such.
-            config = {**stored, "image_size": config["image_size"], "data": config["data"]}
+            config = {**stored, "image_size": config["image_size"], "data": config["data"], "eval": config["eval"]}
+            # A run from before the option existed trained with its last stage frozen.
+            args.tune_last_stage = bool(config["kwargs"].get("tune_last_stage", False))
             if changed and rank == 0:
                 print("--allow-changed-settings: continuing the stored model "
                       f"({config['detector']}, {config['kwargs'].get('backbone')}) with: " + "; ".join(changed))
@@ -545,7 +565,7 @@ def _config_differences(stored: Dict[str, Any], requested: Dict[str, Any], prefi
     config does not record, from older versions, are not compared)."""
     lines = []
     for key in sorted(set(stored) | set(requested)):
-        if key == "class_names" or key not in stored or key not in requested:
+        if key in ("class_names", "eval") or key not in stored or key not in requested:
             continue
         a, b = stored[key], requested[key]
         if isinstance(a, dict) and isinstance(b, dict):
@@ -558,8 +578,8 @@ def _config_differences(stored: Dict[str, Any], requested: Dict[str, Any], prefi
 def _cmd_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     detector, config = load_detector(args.checkpoint, device, trusted=args.trust_checkpoint)
-    if args.test_flip is None:  # as `train` evaluated it: with test-time flip for the CPU recipe
-        args.test_flip = bool(config.get("kwargs", {}).get("freeze_backbone"))
+    if args.test_flip is None:  # as `train` evaluated it (recorded since recipe v2; before: no flip)
+        args.test_flip = bool((config.get("eval") or {}).get("test_flip", False))
     dataset = VOC2007DetectionTiny(args.data_dir, args.split, image_size=config.get("image_size", 224), augment=False)
     dataset = _first_n(dataset, args.max_val_images)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval_{args.split}"
@@ -769,8 +789,8 @@ def _add_common_args(p: argparse.ArgumentParser, data_default: str) -> None:
     p.add_argument("--nms-thresh", type=_unit_float, default=0.5, help="NMS IoU threshold at inference")
     p.add_argument("--test-flip", action=argparse.BooleanOptionalAction, default=None,
                    help="evaluation also detects on each image's mirror image and merges both (test-time "
-                        "flip: about twice the evaluation time). Default: on for a frozen-backbone model "
-                        "(the CPU recipe)")
+                        "flip: about twice the evaluation time). Default: train: on with --frozen-backbone "
+                        "(the CPU recipe); eval: as train evaluated the checkpoint")
     p.add_argument("--no-progress", action="store_true",
                    help="progress as a plain line every few seconds instead of a bar (automatic when the "
                         "output is not a terminal)")
@@ -804,7 +824,7 @@ def _add_train_model_args(t: argparse.ArgumentParser) -> None:
                         "then train from them instead of images. Default: on with --frozen-backbone")
     t.add_argument("--tune-last-stage", action=argparse.BooleanOptionalAction, default=None,
                    help="with --frozen-backbone: fine-tune the backbone's last (stride-32) stage all the same, "
-                        "recomputing c5 from the cached c4 (costs about a third more per iteration, worth "
+                        "recomputing c5 from the cached c4 (15-30%% more time per iteration, worth "
                         "several AP points). Default: on with --frozen-backbone")
     t.add_argument("--cache-variants", type=_variants_arg, default=",".join(CPU_RECIPE_CACHE_VARIANTS),
                    help="comma-separated image variants to cache: orig, flip, jitter0, jitter1, ...")
@@ -813,7 +833,8 @@ def _add_train_model_args(t: argparse.ArgumentParser) -> None:
     t.add_argument("--iters", type=_positive_int, default=None,
                    help="training iterations (default: the CPU recipe's, "
                         + ", ".join(f"{k} {v}" for k, v in CPU_RECIPE_ITERS.items())
-                        + "; the course schedule on a GPU is 9000)")
+                        + f", with --frozen-backbone, else {END_TO_END_ITERS}; the course schedule on a GPU "
+                          "is 9000)")
     t.add_argument("--batch-size", type=_positive_int, default=16, help="images per iteration (per process under torchrun)")
     t.add_argument("--eval-batch-size", type=_positive_int, default=None, help="images per inference batch (default: --batch-size)")
     t.add_argument("--image-size", type=_image_size_arg, default=224, help="images are resized to a square of this side")

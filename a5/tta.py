@@ -41,7 +41,8 @@ def mirror_images(images: ImagesOrFeatures) -> torch.Tensor:
 
 def input_width(images: ImagesOrFeatures) -> int:
     """Width in pixels of the network input that ``images`` stands for: ``W`` of an image
-    batch, ``8 * W_c3`` of a dict of c3/c4/c5 features (c3 has stride 8)."""
+    batch, ``8 * W_c3`` of a dict of c3/c4/c5 features (c3 has stride 8; exact when the
+    width is a multiple of 8, else pass the width to ``predict_with_flip``)."""
     if isinstance(images, dict):
         return 8 * int(images["c3"].shape[-1])
     return int(images.shape[-1])
@@ -92,6 +93,7 @@ def predict_with_flip(
     nms_thresh: float,
     mirrored: Optional[ImagesOrFeatures] = None,
     max_per_image: Optional[int] = 100,
+    width: Optional[float] = None,
 ) -> List[TensorDict]:
     """``detector.predict`` on ``images`` and on their mirror images, merged.
 
@@ -102,6 +104,8 @@ def predict_with_flip(
         mirrored: The mirrored input; computed with ``torch.flip`` for images, required
             for features.
         max_per_image: Most detections kept per image.
+        width: Width of the network input, where the mirror axis lies (default:
+            ``input_width(images)``).
 
     Returns:
         ``B`` dicts with "boxes", "labels", "scores", as ``predict`` returns them.
@@ -110,4 +114,5 @@ def predict_with_flip(
         mirrored = mirror_images(images)
     outputs = detector.predict(images, score_thresh=score_thresh, nms_thresh=nms_thresh)
     mirrored_outputs = detector.predict(mirrored, score_thresh=score_thresh, nms_thresh=nms_thresh)
-    return merge_mirrored(outputs, mirrored_outputs, input_width(images), nms_thresh, max_per_image)
+    width = input_width(images) if width is None else width
+    return merge_mirrored(outputs, mirrored_outputs, width, nms_thresh, max_per_image)

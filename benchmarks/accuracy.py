@@ -237,7 +237,7 @@ def collect_cached_predictions(model: torch.nn.Module, cache, val_set, args: arg
             _, mirrored, _ = cache.get_batch(rows, [1] * len(rows))
             mirrored = {k: v.to(device) for k, v in mirrored.items()}
             outputs = predict_with_flip(model, feats, args.eval_score_thresh, args.eval_nms_thresh, mirrored,
-                                        max_per_image=args.max_detections)
+                                        max_per_image=args.max_detections, width=args.image_size)
         else:
             outputs = H.predict_batch(model, feats, args.eval_score_thresh, args.eval_nms_thresh)
         for row, out in zip(rows, outputs):

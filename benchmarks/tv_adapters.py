@@ -88,6 +88,9 @@ class TorchvisionBackboneFPN(nn.Module):
             self.body.eval()
         from fcos import last_stage_of, unfreeze_except_batchnorm  # (lazy, like BACKBONE_SPECS below)
 
+        if tune_last_stage and not freeze_body:
+            raise ValueError("tune_last_stage=True trains the last stage of a frozen body: pass freeze_body=True")
+
         self.tune_last_stage = tune_last_stage
         # The body's own c4 -> c5 layers (shared weights), outside the registered children.
         self.__dict__["_last_stage"] = last_stage_of(body) if tune_last_stage else None

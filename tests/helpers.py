@@ -267,5 +267,9 @@ def _param_vector(model: nn.Module) -> torch.Tensor:
 @pytest.fixture
 def tiny_builder(monkeypatch):
     """Registers "tiny" (a TinyDetector) as a detector the command line can build."""
-    monkeypatch.setitem(h.DETECTOR_BUILDERS, "tiny", lambda **kw: TinyDetector(
-        num_classes=kw.get("num_classes", 20), freeze_backbone=kw.get("freeze_backbone", False)))
+    def build(**kw):
+        detector = TinyDetector(num_classes=kw.get("num_classes", 20), freeze_backbone=kw.get("freeze_backbone", False))
+        detector.built_with = kw  # what the command line asked for (tune_last_stage, ...)
+        return detector
+
+    monkeypatch.setitem(h.DETECTOR_BUILDERS, "tiny", build)

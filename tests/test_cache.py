@@ -133,3 +133,42 @@ def test_cache_key_ignores_a_last_stage_being_fine_tuned():
             next(p for p in module.last_stage().parameters() if p.dim() == 4).add_(1.0)
     assert h.backbone_state_hash(tuned) == before[0], "the stage trained on top of the cache is not its key"
     assert h.backbone_state_hash(frozen) != before[1], "a frozen last stage computes the cached c5: part of the key"
+
+
+def test_cache_builds_for_a_backbone_whose_last_stage_trains(tiny_voc):
+    """The CPU recipe: a frozen backbone whose last stage is fine-tuned builds its cache (only
+    c4 feeds the stage); a backbone that trains elsewhere is still refused."""
+    import fcos
+
+    torch.manual_seed(0)
+    tuned = fcos.DetectorBackboneWithFPN(8, backbone="mobilenet_v2", pretrained=False, freeze_backbone=True,
+                                         tune_last_stage=True)
+    ds = Subset(h.VOC2007DetectionTiny(tiny_voc, "train", image_size=64), [0, 1])
+    cache = h.build_feature_cache(tuned, ds, variants=("orig",), progress=False)
+    _, feats, _ = cache.get_batch([0, 1], [0, 0])
+    with torch.no_grad():
+        images = torch.stack([ds[i][1] for i in range(2)])
+        expected = tuned.extract_features(images)
+    assert torch.allclose(feats["c4"], expected["c4"].float(), atol=1e-2)
+    unfrozen = fcos.DetectorBackboneWithFPN(8, backbone="mobilenet_v2", pretrained=False, freeze_backbone=True)
+    unfrozen.backbone.get_submodule("features.0").requires_grad_(True)
+    with pytest.raises(ValueError, match="frozen backbone"):
+        h.build_feature_cache(unfrozen, ds, variants=("orig",), progress=False)
+
+
+def test_folded_inference_follows_the_trained_last_stage():
+    """extract_features in eval mode (BatchNorm folded) gives the c5 of the stage as trained,
+    without refolding the CNN at every training step."""
+    import fcos
+
+    torch.manual_seed(0)
+    model = fcos.DetectorBackboneWithFPN(8, backbone="mobilenet_v2", pretrained=False, freeze_backbone=True,
+                                         tune_last_stage=True)
+    images = torch.randn(1, 3, 64, 64)
+    model.extract_features(images)
+    folded = model._folded_backbone()
+    with torch.no_grad():
+        next(p for p in model.last_stage().parameters() if p.dim() == 4).mul_(2.0)  # "a training step"
+        feats = model.extract_features(images)
+        assert model._folded_backbone() is folded, "no refold for a change of the stage being trained"
+        assert torch.allclose(feats["c5"], model.last_stage()(feats["c4"]), atol=1e-5)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import a5_helper as h
 from helpers import one_thread, tiny_builder, tiny_voc  # noqa: F401 (fixtures)
@@ -97,3 +98,30 @@ def test_cli_defaults_to_frozen_cached_training_on_cpu(tiny_voc, tmp_path, tiny_
     recorded = json.loads((out / "metrics.json").read_text())["args"]
     assert recorded["cache_variants"] == ",".join(h.CPU_RECIPE_CACHE_VARIANTS)
     assert recorded["lr"] == 1e-2 and recorded["amp"] is h.default_amp("cpu")
+
+
+@pytest.mark.part("provided")
+def test_cli_resume_and_eval_keep_what_the_run_started_with(tiny_voc, tmp_path, capsys, tiny_builder):
+    """A run from before recipe v2 (no tune_last_stage, no recorded evaluation) resumes with
+    its last stage frozen and its own length, and `eval` does not flip it."""
+    out = tmp_path / "old"
+    common = ["--detector", "tiny", "--batch-size", "2", "--image-size", "64", "--out", str(out),
+              "--max-val-images", "2", "--data-dir", str(tiny_voc), "--num-workers", "0", "--no-progress",
+              "--device", "cpu"]
+    assert h.main(["train", "--iters", "2", "--checkpoint-period", "2", *common]) == 0
+    for name in ("last.pt", "model_final.pt"):  # make it look like an old run's checkpoints
+        state = h.load_checkpoint(out / name)
+        del state["config"]["kwargs"]["tune_last_stage"], state["config"]["eval"]
+        if name == "last.pt":
+            state["scheduler"]["max_iters"] = 3
+        torch.save(state, out / name)
+    assert h.main(["eval", "--checkpoint", str(out / "model_final.pt"), "--max-val-images", "2",
+                   "--out", str(tmp_path / "ev_old"), "--data-dir", str(tiny_voc), "--num-workers", "0",
+                   "--no-progress", "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "ev_old" / "metrics.json").read_text())["test_flip"] is False
+    capsys.readouterr()
+    assert h.main(["train", "--resume", *common]) == 0
+    printed = capsys.readouterr().out
+    assert "--resume: the run trains for 3 iterations as it started" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train"]["iterations"] == 3 and metrics["args"]["tune_last_stage"] is False

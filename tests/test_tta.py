@@ -67,3 +67,13 @@ def test_features_need_their_mirror_and_width_comes_from_c3():
     assert tta.input_width(feats) == 240
     with pytest.raises(TypeError, match="flip"):
         tta.predict_with_flip(_BrightSpotDetector(), feats, 0.0, 0.5)
+
+
+def test_width_can_be_given_for_sizes_that_are_not_multiples_of_8():
+    class Fixed(nn.Module):
+        def predict(self, images, score_thresh=0.0, nms_thresh=0.5):
+            return [_out([[0, 0, 10, 10]], [0], [0.9]) for _ in range(len(images["c3"]))]
+
+    feats = {"c3": torch.zeros(1, 8, 38, 38)}  # a 300-px input: c3 is 38 wide, 8 * 38 = 304
+    merged = tta.predict_with_flip(Fixed(), feats, 0.0, 0.5, mirrored=feats, width=300)
+    assert sorted(merged[0]["boxes"].tolist()) == [[0, 0, 10, 10], [290, 0, 300, 10]]
