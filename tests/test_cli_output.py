@@ -140,7 +140,7 @@ def test_help_states_each_default_once_and_has_examples(command):
         assert "default" not in checkpoint  # required: no default to speak of
     if command == "train":
         flat = " ".join(text.split())
-        assert "(default: in memory)" in flat and "(default: the CPU recipe's, fcos 1200, faster_rcnn 2500;" in flat
+        assert "(default: in memory)" in flat and "(default: the CPU recipe's, fcos 1200, faster_rcnn 2500, with --frozen-backbone, else 3500;" in flat
     assert "examples:" in h.build_parser().format_help()
 
 
@@ -221,7 +221,7 @@ def test_train_summary_eval_and_predict_read_well(tiny_voc, tmp_path, capsys, ti
     assert "\r" not in stdout
     # The start-up summary comes first and says what will happen.
     head = stdout.split("caching backbone features")[0]
-    assert head.startswith("Training tiny (backbone mobilenet_v2, ImageNet weights, frozen) on cpu")
+    assert head.startswith("Training tiny (backbone mobilenet_v2, ImageNet weights, frozen, last stage fine-tuned) on cpu")
     for needle in ("precision", "float32", "6 train images, 3 val images", "resized to 64 px",
                    "computed once, before training", "6 images x 2 variants", "--cache-dir DIR",
                    "6 iterations, batch 2", f"output      {out}"):
