@@ -62,7 +62,8 @@ from a5.plots import (  # noqa: F401
     show_dataset_grid, smooth_curve, plot_loss_history, plot_per_class_ap, plot_pr_curves, plot_error_breakdown,
 )
 from a5.cli import (  # noqa: F401
-    CPU_RECIPE_ITERS, CPU_RECIPE_CACHE_VARIANTS, CPU_RECIPE_LR, cpu_recipe_iters, DETECTOR_BUILDERS, build_detector, load_detector,
+    CPU_RECIPE_ITERS, CPU_RECIPE_ITERS_FLOAT32, CPU_RECIPE_CACHE_VARIANTS, CPU_RECIPE_LR, cpu_recipe_iters,
+    DETECTOR_BUILDERS, build_detector, load_detector,
     DETECTOR_NAMES, PREDICT_MAX_DRAWN, ERROR_SCORE_THRESH, FINAL_LOSS_WINDOW, HelpFormatter, MAIN_EPILOG,
     TRAIN_EPILOG, EVAL_EPILOG, PREDICT_EPILOG, build_parser, main,
 )

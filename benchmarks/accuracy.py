@@ -138,10 +138,14 @@ def learning_rate(kind: str, args: argparse.Namespace) -> float:
 
 
 def iterations(kind: str, args: argparse.Namespace) -> int:
-    """--iters, or the CPU recipe's iterations of this detector."""
+    """--iters, or the CPU recipe's iterations of this detector at the run's precision
+    (longer with autocast: the recipe is sized to a time budget)."""
     import a5_helper as H
 
-    return args.iters if args.iters is not None else H.cpu_recipe_iters(kind)
+    if args.iters is not None:
+        return args.iters
+    amp = args.amp if args.amp is not None else H.default_amp(args.device)
+    return H.cpu_recipe_iters(kind, amp)
 
 
 def precision(args: argparse.Namespace) -> str:
@@ -455,7 +459,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="frozen-cache: frozen pretrained backbone, features cached once (CPU); "
                         "end-to-end: the whole network trains on augmented images (GPU)")
     p.add_argument("--iters", type=int, default=None,
-                   help="default: a5_helper.CPU_RECIPE_ITERS of each detector")
+                   help="default: the CPU recipe's iterations of each detector, a5_helper.CPU_RECIPE_ITERS with "
+                        "--amp, CPU_RECIPE_ITERS_FLOAT32 without")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default: a5_helper.CPU_RECIPE_LR of each detector)")

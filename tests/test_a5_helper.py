@@ -108,13 +108,32 @@ def test_notebooks_train_with_the_cpu_recipe(notebook, detector):
     cells = json.loads((Path(h.__file__).parent / notebook).read_text())["cells"]
     source = next("".join(c["source"]) for c in cells if "CACHE_VARIANTS =" in "".join(c["source"]))
     variants = ast.literal_eval(re.search(r"^CACHE_VARIANTS = (\(.*\))$", source, re.M).group(1))
-    iters, lr = re.search(r"elif USE_FEATURE_CACHE:\n\s+ITERS, LR, SCHEDULE = (\d+), ([0-9.e-]+), \"cosine\"",
-                          source).groups()
+    # Either one length, or "(with bfloat16 if a5_helper.default_amp(DEVICE) else float32)".
+    recipe = re.search(r"elif USE_FEATURE_CACHE:\n(?:\s+#.*\n)*\s+ITERS, LR, SCHEDULE = "
+                       r"(?:(\d+)|\((\d+) if a5_helper\.default_amp\(DEVICE\) else (\d+)\)), ([0-9.e-]+), \"cosine\"",
+                       source)
+    single, with_amp, without_amp, lr = recipe.groups()
+    with_amp, without_amp = (single, single) if single else (with_amp, without_amp)
     assert tuple(variants) == h.CPU_RECIPE_CACHE_VARIANTS
-    assert int(iters) == h.CPU_RECIPE_ITERS[detector] and float(lr) == h.CPU_RECIPE_LR[detector]
+    assert int(with_amp) == h.CPU_RECIPE_ITERS[detector] and int(without_amp) == h.CPU_RECIPE_ITERS_FLOAT32[detector]
+    assert float(lr) == h.CPU_RECIPE_LR[detector]
     # The recipe fine-tunes the backbone's last stage (the constructor call in the cell).
     assert "tune_last_stage=USE_FEATURE_CACHE" in source
     # ... and the command line's defaults are that recipe too.
     args = h.build_parser().parse_args(["train", "--detector", detector])
     assert args.iters is None and args.cache_variants == ",".join(h.CPU_RECIPE_CACHE_VARIANTS)
-    assert h.cpu_recipe_iters(detector) == h.CPU_RECIPE_ITERS[detector]
+    assert h.cpu_recipe_iters(detector, amp=True) == h.CPU_RECIPE_ITERS[detector]
+    assert h.cpu_recipe_iters(detector, amp=False) == h.CPU_RECIPE_ITERS_FLOAT32[detector]
+
+
+def test_cpu_recipe_length_follows_the_precision(monkeypatch):
+    """The recipe is sized to a time budget: FCOS trains longer where bfloat16 hardware makes
+    its steps cheap; amp=None asks this machine (default_amp on the CPU)."""
+    import a5.cli
+
+    assert h.cpu_recipe_iters("fcos", amp=True) > h.cpu_recipe_iters("fcos", amp=False)
+    for fast, table in ((True, h.CPU_RECIPE_ITERS), (False, h.CPU_RECIPE_ITERS_FLOAT32)):
+        monkeypatch.setattr(a5.cli, "default_amp", lambda device, fast=fast: fast)
+        assert h.cpu_recipe_iters("fcos") == table["fcos"]
+        # A detector without an entry gets the table's longest schedule.
+        assert h.cpu_recipe_iters("my_detector") == max(table.values())

@@ -101,6 +101,24 @@ def test_cli_defaults_to_frozen_cached_training_on_cpu(tiny_voc, tmp_path, tiny_
 
 
 @pytest.mark.part("provided")
+def test_cli_default_length_follows_the_precision():
+    """Without --iters, a frozen-backbone run trains the CPU recipe's length for the precision
+    it resolves (autocast: the longer schedule); --iters and end-to-end runs are untouched."""
+    from a5.cli import END_TO_END_ITERS, _resolve_train_defaults
+
+    def resolved(*extra):
+        args = h.build_parser().parse_args(["train", "--detector", "fcos", *extra])
+        _resolve_train_defaults(args, torch.device("cpu"), rank=0)
+        return args
+
+    assert resolved("--amp").iters == h.CPU_RECIPE_ITERS["fcos"]
+    assert resolved("--no-amp").iters == h.CPU_RECIPE_ITERS_FLOAT32["fcos"]
+    assert resolved().iters == h.cpu_recipe_iters("fcos", h.default_amp("cpu"))
+    assert resolved("--amp", "--iters", "7").iters == 7
+    assert resolved("--amp", "--no-frozen-backbone").iters == END_TO_END_ITERS
+
+
+@pytest.mark.part("provided")
 def test_cli_resume_and_eval_keep_what_the_run_started_with(tiny_voc, tmp_path, capsys, tiny_builder):
     """A run from before recipe v2 (no tune_last_stage, no recorded evaluation) resumes with
     its last stage frozen and its own length, and `eval` does not flip it."""

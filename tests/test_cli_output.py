@@ -140,7 +140,8 @@ def test_help_states_each_default_once_and_has_examples(command):
         assert "default" not in checkpoint  # required: no default to speak of
     if command == "train":
         flat = " ".join(text.split())
-        assert "(default: in memory)" in flat and "(default: the CPU recipe's, fcos 1200, faster_rcnn 2500, with --frozen-backbone, else 3500;" in flat
+        assert "(default: in memory)" in flat and ("(default: the CPU recipe's with --frozen-backbone, fcos 1800, faster_rcnn 2500 with --amp, "
+                                                  "fcos 1200, faster_rcnn 2500 without; else 3500;") in flat
     assert "examples:" in h.build_parser().format_help()
 
 

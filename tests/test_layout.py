@@ -145,3 +145,47 @@ def test_facade_exports_no_private_names():
     assert not written and not loaded, (
         f"a5_helper re-exports private names {sorted(written | loaded)}: import them from their a5.* "
         "module where they are used (or add them to ALLOWED_PRIVATE with the reason)")
+
+
+def _python_blocks(markdown: str) -> List[str]:
+    """The ```python code blocks of a Markdown text (fence lines removed, dedented)."""
+    blocks, current = [], None
+    for line in markdown.splitlines():
+        if current is None and line.strip() == "```python":
+            current = []
+        elif current is not None and line.strip() == "```":
+            blocks.append(textwrap.dedent("\n".join(current)))
+            current = None
+        elif current is not None:
+            current.append(line)
+    return blocks
+
+
+def _module_attributes(source: str, modules: frozenset) -> List[tuple]:
+    """``(module, name)`` for every ``module.name`` in ``source`` whose module is one of ``modules``."""
+    tree = ast.parse(source)
+    return [(node.value.id, node.attr) for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules]
+
+
+def test_python_block_scanner_finds_attributes():
+    text = "x\n```python\n  import a5_helper\n  a5_helper.nope(1)\n```\n```bash\na5_helper.skip\n```\n"
+    blocks = _python_blocks(text)
+    assert len(blocks) == 1
+    assert _module_attributes(blocks[0], frozenset({"a5_helper"})) == [("a5_helper", "nope")]
+
+
+def test_readme_python_examples_use_names_that_exist():
+    """The README's Python examples parse, and every `a5_helper.X` / `fcos.X` /
+    `two_stage_detector.X` they call exists (a renamed or removed name fails here)."""
+    import importlib
+
+    modules = frozenset({"a5_helper", "fcos", "two_stage_detector"})
+    missing = []
+    for block in _python_blocks((REPO_ROOT / "README.md").read_text()):
+        if "..." in block.split():  # an elided excerpt (the solution markers), not a program
+            continue
+        for module, name in _module_attributes(block, modules):
+            if not hasattr(importlib.import_module(module), name):
+                missing.append(f"{module}.{name}")
+    assert not missing, f"README examples use names that do not exist: {missing}"
