@@ -46,7 +46,7 @@ from a5.data import (  # noqa: F401
 )
 from a5.cache import (  # noqa: F401
     FEATURE_LEVELS, backbone_state_hash, CacheableBackbone, RendersVariants, ListsImageFiles, TRAINED_PREFIXES,
-    CachedFeatureDataset, collate_cached, build_feature_cache,
+    CachedFeatureDataset, collate_cached, build_feature_cache, cached_levels,
 )
 from a5.training import (  # noqa: F401
     ResumableSampler, WarmupLR, init_distributed, save_checkpoint, CheckpointError, load_checkpoint,

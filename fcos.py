@@ -61,6 +61,7 @@ from a5.kernels import (  # noqa: F401  (GroupNorm, fold_batchnorm: re-exported)
     batched_nms,
     fold_batchnorm,
     select_detections,
+    without_outputs,
     split_kept_per_image,
     to_fast_layout,
 )
@@ -404,13 +405,15 @@ class DetectorBackboneWithFPN(nn.Module):
         """The part of the CNN that maps c4 to c5 (its own layers, not copies)."""
         return self.__dict__["_last_stage"]
 
-    def extract_features(self, images: torch.Tensor) -> TensorDict:
+    def extract_features(self, images: torch.Tensor, with_c5: bool = True) -> TensorDict:
         """
         Run only the CNN.
 
         Args:
             images: Tensor of shape ``(B, 3, H, W)``, normalized as for
                 ImageNet.
+            with_c5: ``False`` leaves c5 out (with ``tune_last_stage`` its
+                stage is then not run: a feature cache stores c3/c4 only).
 
         Returns:
             Dict with keys "c3", "c4", "c5" of shapes ``(B, C_i, H/s, W/s)``
@@ -428,10 +431,12 @@ class DetectorBackboneWithFPN(nn.Module):
             use_folded = not self.backbone.training and not torch.is_grad_enabled()
             body = self._folded_backbone() if use_folded else self.backbone
             feats = dict(body(to_fast_layout(images)))
-            if self.tune_last_stage:
-                # The folded copy is not rebuilt for every step of the stage being trained:
-                # its c5 may be stale, so c5 comes from the live stage.
+            if self.tune_last_stage and with_c5:
+                # The folded copy is not rebuilt for every step of the stage being trained
+                # and stops at c4: c5 comes from the live stage.
                 feats["c5"] = self.last_stage()(feats["c4"])
+            if not with_c5:
+                feats.pop("c5", None)
             return feats
 
     def _folded_backbone(self) -> nn.Module:
@@ -439,14 +444,16 @@ class DetectorBackboneWithFPN(nn.Module):
         tensors change: a new device or dtype, loaded weights, an optimizer
         step (every in-place write bumps a tensor's version counter). The copy
         is kept outside the module's registered children, so it is not in the
-        state dict, the parameters or the checkpoints."""
+        state dict, the parameters or the checkpoints. With ``tune_last_stage``
+        it stops at c4 (``extract_features`` runs the live last stage)."""
         tensors = list(self.backbone.parameters()) + list(self.backbone.buffers())
         if self.tune_last_stage:  # changes at every step; extract_features recomputes its c5
             tensors = [t for t in tensors if not t.requires_grad]
         key = tuple((t.data_ptr(), t._version) for t in tensors)
         cached = self.__dict__.get("_folded_backbone_cache")
         if cached is None or cached[0] != key:
-            cached = (key, fold_batchnorm(self.backbone))
+            folded = fold_batchnorm(self.backbone)
+            cached = (key, without_outputs(folded, ("c5",)) if self.tune_last_stage else folded)
             self.__dict__["_folded_backbone_cache"] = cached
         return cached[1]
 
@@ -455,22 +462,27 @@ class DetectorBackboneWithFPN(nn.Module):
         Args:
             images: Images ``(B, 3, H, W)``, or a dict of backbone features with
                 keys "c3", "c4", "c5" (then the CNN is skipped, e.g. when
-                training a frozen-backbone model from a feature cache).
+                training a frozen-backbone model from a feature cache; "c5" may
+                be left out with ``tune_last_stage``, which recomputes it).
 
         Returns:
             Dict with keys "p3", "p4", "p5": FPN features of shape
             ``(B, out_channels, H_i, W_i)`` where ``(H_i, W_i)`` is the size of
             ``c_i``.
         """
+        # c5 from the stage being trained, with its gradient (a cached c5 is from its
+        # ImageNet weights; extract_features computes it without autograd).
+        recompute_c5 = self.tune_last_stage and (isinstance(images, dict) or torch.is_grad_enabled())
         if isinstance(images, dict):
             # Cached features: same memory layout as freshly computed ones, so
             # that both give the same numbers.
             backbone_feats = {name: to_fast_layout(feat) for name, feat in images.items()}
+            if "c5" not in backbone_feats and not self.tune_last_stage:
+                raise ValueError("the feature dict has no 'c5': only a backbone built with "
+                                 "tune_last_stage=True recomputes it from 'c4'")
         else:
-            backbone_feats = self.extract_features(images)
-        if self.tune_last_stage and (isinstance(images, dict) or torch.is_grad_enabled()):
-            # c5 from the stage being trained, with its gradient (a cached c5 is from its
-            # ImageNet weights; extract_features computed it without autograd).
+            backbone_feats = self.extract_features(images, with_c5=not recompute_c5)
+        if recompute_c5:
             backbone_feats["c5"] = self.last_stage()(backbone_feats["c4"])
 
         fpn_feats: TensorDict = {}

@@ -25,7 +25,21 @@ from a5.data import _unwrap_subset
 
 FEATURE_LEVELS = ("c3", "c4", "c5")
 _CACHE_VERSION = 2  # 2: image content hashes in the key, per-file checksums
-_CACHE_FILES = tuple(f"{level}.npy" for level in FEATURE_LEVELS) + ("gt_boxes.npy",)
+
+
+def _cache_files(levels: Sequence[str]) -> Tuple[str, ...]:
+    """The files of a cache on disk that stores `levels`."""
+    return tuple(f"{level}.npy" for level in levels) + ("gt_boxes.npy",)
+
+
+def cached_levels(backbone: nn.Module) -> Tuple[str, ...]:
+    """The feature levels a cache of `backbone` stores by default: c3 and c4 when it fine-tunes
+    its last stage (`tune_last_stage`: its forward recomputes c5 from c4 at every step, so a
+    cached c5 would never be read; for MobileNetV2 at 224 px, c5 is 59% of the cache), else
+    c3, c4 and c5."""
+    if getattr(_backbone_of(backbone), "tune_last_stage", False):
+        return ("c3", "c4")
+    return FEATURE_LEVELS
 
 
 def _file_crc32(path: Path, chunk: int = 1 << 24) -> str:
@@ -62,12 +76,13 @@ def _image_fingerprints(paths: Sequence[str], previous: Optional[Dict[str, Any]]
     return result
 
 
-def _check_cache_files(cache_path: Path, checksums: Dict[str, Any]) -> Optional[str]:
-    """None if every cache file has its recorded size and checksum, else what is wrong
-    (naming the file)."""
+def _check_cache_files(cache_path: Path, checksums: Dict[str, Any],
+                       levels: Optional[Sequence[str]] = None) -> Optional[str]:
+    """None if every file of a cache of `levels` (None: every file `checksums` names) has its
+    recorded size and checksum, else what is wrong (naming the file)."""
     if not checksums:
         return f"{cache_path / 'meta.json'} records no checksums"
-    for name in _CACHE_FILES:
+    for name in _cache_files(levels) if levels is not None else sorted(checksums):
         path = cache_path / name
         want = checksums.get(name) or {}
         if not path.is_file():
@@ -85,7 +100,8 @@ class CacheableBackbone(Protocol):
     """A backbone with a frozen feature extractor whose outputs can be cached
     (`fcos.DetectorBackboneWithFPN` with `freeze_backbone=True`): `extract_features(images)`
     gives `{"c3", "c4", "c5"}`; the parameters under `TRAINED_PREFIXES` are the layers trained
-    on top of them (not part of the cache key)."""
+    on top of them (not part of the cache key). One with `tune_last_stage` also takes
+    `extract_features(images, with_c5=False)` (its cache leaves c5 out)."""
 
     def extract_features(self, images: torch.Tensor) -> TensorDict: ...
 
@@ -156,14 +172,15 @@ class _VariantView(Dataset):
 class CachedFeatureDataset(Dataset):
     """Backbone features computed once per image and augmentation variant.
 
-    Storage: for each level in {"c3", "c4", "c5"} one array `(N * V, C, H, W)` (fp16 by
-    default; a torch tensor in memory or a NumPy memmap on disk), where row `i * V + v`
-    is variant `v` of image `i`; `gt_boxes` `(N * V, 40, 5)` holds the boxes transformed
-    like that variant (flipped for "flip").
+    Storage: for each level stored (`levels`: "c3", "c4" and "c5", or only "c3" and "c4"
+    for a backbone that recomputes c5, see `cached_levels`) one array `(N * V, C, H, W)`
+    (fp16 by default; a torch tensor in memory or a NumPy memmap on disk), where row
+    `i * V + v` is variant `v` of image `i`; `gt_boxes` `(N * V, 40, 5)` holds the boxes
+    transformed like that variant (flipped for "flip").
 
-    Items are `(image_path, {"c3","c4","c5"} float32 tensors, gt_boxes)`, with a random
-    variant per access; `collate_fn` stacks them into a batch. `train_detector` reads
-    whole batches with `get_batch` instead (one tensor gather per level).
+    Items are `(image_path, {level: float32 tensor}, gt_boxes)`, with a random variant per
+    access; `collate_fn` stacks them into a batch. `train_detector` reads whole batches
+    with `get_batch` instead (one tensor gather per level).
     """
 
     def __init__(
@@ -180,6 +197,7 @@ class CachedFeatureDataset(Dataset):
         self.variants = list(variants)
         self.num_variants = len(self.variants)
         self.meta = meta or {}
+        self.levels = tuple(level for level in FEATURE_LEVELS if level in features)
         c3 = features["c3"]
         self.image_size = (8 * c3.shape[-2], 8 * c3.shape[-1])
 
@@ -193,9 +211,10 @@ class CachedFeatureDataset(Dataset):
         return store.index_select(0, rows).float()
 
     def get_batch(self, indices: Sequence[int], variant_ids: Sequence[int]) -> Tuple[List[str], TensorDict, torch.Tensor]:
-        """A whole batch: `(paths, {"c3": (B, C3, H3, W3), ...} float32, gt (B, 40, 5))`."""
+        """A whole batch: `(paths, {"c3": (B, C3, H3, W3), ...} float32, gt (B, 40, 5))`
+        (one entry per level in `self.levels`)."""
         rows = torch.as_tensor(indices, dtype=torch.long) * self.num_variants + torch.as_tensor(variant_ids, dtype=torch.long)
-        feats = {k: self._rows(k, rows) for k in FEATURE_LEVELS}
+        feats = {k: self._rows(k, rows) for k in self.levels}
         return [self.image_paths[i] for i in indices], feats, self.gt_boxes.index_select(0, rows)
 
     def get_variant(self, index: int, variant_id: int):
@@ -218,11 +237,15 @@ collate_cached = CachedFeatureDataset.collate_fn
 
 
 def _cache_key(backbone: nn.Module, dataset: Dataset, base_indices: List[int], variants: Sequence[str],
-               storage_dtype: torch.dtype, seed: int, fingerprints: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+               storage_dtype: torch.dtype, seed: int, fingerprints: Optional[Dict[str, Any]] = None,
+               levels: Sequence[str] = FEATURE_LEVELS) -> Dict[str, Any]:
     items = [getattr(dataset, "instances", [None] * (max(base_indices) + 1))[i] for i in base_indices]
     items_hash = hashlib.sha1(json.dumps(items, sort_keys=True, default=str).encode()).hexdigest()
     contents = [fp[2] if fp else None for fp in (fingerprints or {}).values()]
+    # A cache of every level has no "levels" entry: caches built before it stay valid.
+    stored = {} if tuple(levels) == FEATURE_LEVELS else {"levels": list(levels)}
     return {
+        **stored,
         "content_hash": hashlib.sha1(json.dumps(contents).encode()).hexdigest(),
         "version": _CACHE_VERSION,
         "backbone_name": str(getattr(backbone, "backbone_name", type(backbone).__name__)),
@@ -250,6 +273,7 @@ def build_feature_cache(
     progress: Union[bool, str] = True,
     on_mismatch: str = "rebuild",
     seed: int = 0,
+    levels: Optional[Sequence[str]] = None,
 ) -> CachedFeatureDataset:
     """Run the frozen backbone once over every training image and variant.
 
@@ -274,6 +298,8 @@ def build_feature_cache(
         storage_dtype: torch.float16 (default, half the memory) or torch.float32.
         progress: True: a bar on a terminal, plain lines in a log (`ProgressReporter`);
             "lines": plain lines always; False / "off": silent.
+        levels: the backbone features to store; None: `cached_levels(backbone)` (c3, c4
+            and, unless the backbone recomputes it from c4, c5). Part of the key.
 
     Returns: a CachedFeatureDataset.
     """
@@ -281,7 +307,9 @@ def build_feature_cache(
     fpn_backbone = _backbone_of(backbone)
     base, base_indices = _unwrap_subset(dataset)
     variants = list(variants)
-    _check_cache_args(fpn_backbone, base, variants, storage_dtype, on_mismatch)
+    levels = cached_levels(fpn_backbone) if levels is None else tuple(levels)
+    _check_cache_args(fpn_backbone, base, variants, storage_dtype, on_mismatch, levels)
+    levels = tuple(level for level in FEATURE_LEVELS if level in levels)  # one order, one key
     N, V = len(base_indices), len(variants)
     paths = _image_paths(base, base_indices)
 
@@ -289,9 +317,9 @@ def build_feature_cache(
     meta = _read_meta(cache_path)
     # Content hashes matter only for a cache on disk, which a later run may reuse.
     fingerprints = _image_fingerprints(paths, meta.get("files")) if cache_path is not None else {}
-    key = _cache_key(fpn_backbone, base, base_indices, variants, storage_dtype, seed, fingerprints)
+    key = _cache_key(fpn_backbone, base, base_indices, variants, storage_dtype, seed, fingerprints, levels)
     if cache_path is not None and (cache_path / "meta.json").is_file():
-        reused, problem = _reuse_cache(cache_path, meta, key, fingerprints, paths, variants, progress)
+        reused, problem = _reuse_cache(cache_path, meta, key, fingerprints, paths, variants, progress, levels)
         if reused is not None:
             return reused
         message = _mismatch_message(cache_path, meta, key, fingerprints, problem)
@@ -303,7 +331,7 @@ def build_feature_cache(
         (cache_path / "meta.json").unlink(missing_ok=True)  # incomplete until the end
 
     store, gt_all = _compute_features(fpn_backbone, base, base_indices, variants, seed, cache_path, batch_size,
-                                      device, storage_dtype, num_workers, progress)
+                                      device, storage_dtype, num_workers, progress, levels)
     meta = {"key": key, "complete": True, "shapes": {k: list(v.shape) for k, v in store.items()}}
     if cache_path is not None:
         store = _finish_cache_files(cache_path, store, gt_all, meta, fingerprints)
@@ -318,7 +346,7 @@ def _image_paths(base: Dataset, base_indices: List[int]) -> List[str]:
 
 
 def _check_cache_args(fpn_backbone: CacheableBackbone, base: Dataset, variants: List[str],
-                      storage_dtype: torch.dtype, on_mismatch: str) -> None:
+                      storage_dtype: torch.dtype, on_mismatch: str, levels: Sequence[str]) -> None:
     inner = getattr(fpn_backbone, "backbone", None)
     # A last stage fine-tuned on top of the cache (tune_last_stage) may train: only its input,
     # c4, is read from the cache then.
@@ -338,6 +366,11 @@ def _check_cache_args(fpn_backbone: CacheableBackbone, base: Dataset, variants: 
         raise TypeError("dataset must provide get_variant(index, variant) (VOC2007DetectionTiny does)")
     if not variants:
         raise ValueError("variants must name at least one of 'orig', 'flip', 'jitter<k>'")
+    # c3 and c4 always (the FPN's inputs and the tuned stage's), c5 unless the backbone recomputes it.
+    needed = cached_levels(fpn_backbone)
+    if not set(needed) <= set(levels) or not set(levels) <= set(FEATURE_LEVELS):
+        raise ValueError(f"levels must hold {', '.join(needed)} for this backbone (and only levels of "
+                         f"{', '.join(FEATURE_LEVELS)}), got {', '.join(levels) or 'none'}")
 
 
 def _read_meta(cache_path: Optional[Path]) -> Dict[str, Any]:
@@ -357,7 +390,7 @@ def _write_meta(cache_path: Path, meta: Dict[str, Any]) -> None:
 
 
 def _reuse_cache(cache_path: Path, meta: Dict[str, Any], key: Dict[str, Any], fingerprints: Dict[str, Any],
-                 paths: List[str], variants: List[str], progress: Union[bool, str],
+                 paths: List[str], variants: List[str], progress: Union[bool, str], levels: Sequence[str],
                  ) -> Tuple[Optional[CachedFeatureDataset], Optional[str]]:
     """(the cached dataset, None) when the cache on disk matches `key` and is intact, else
     (None, what is damaged) or (None, None) for a cache of other inputs."""
@@ -365,11 +398,11 @@ def _reuse_cache(cache_path: Path, meta: Dict[str, Any], key: Dict[str, Any], fi
         return None, f"{cache_path / 'meta.json'} is not valid JSON (corrupt)"
     if not (meta.get("complete") and meta.get("key") == key):
         return None, None
-    problem = _check_cache_files(cache_path, meta.get("checksums") or {})
+    problem = _check_cache_files(cache_path, meta.get("checksums") or {}, levels)
     if problem is not None:
         return None, problem
     try:
-        feats = {k: np.load(cache_path / f"{k}.npy", mmap_mode="r") for k in FEATURE_LEVELS}
+        feats = {k: np.load(cache_path / f"{k}.npy", mmap_mode="r") for k in levels}
         gt = torch.from_numpy(np.load(cache_path / "gt_boxes.npy"))
     except (ValueError, OSError, EOFError) as err:
         return None, f"a file under {cache_path} cannot be read ({err})"
@@ -377,7 +410,7 @@ def _reuse_cache(cache_path: Path, meta: Dict[str, Any], key: Dict[str, Any], fi
         meta["files"] = fingerprints
         _write_meta(cache_path, meta)
     if _progress_mode(progress) != "off":
-        size = sum(feats[k].nbytes for k in FEATURE_LEVELS)
+        size = sum(feats[k].nbytes for k in levels)
         print(f"Loaded feature cache from {cache_path} ({plural(len(paths), 'image')} x "
               f"{plural(len(variants), 'variant')}, {format_bytes(size)}); it was built by an earlier run.")
     return CachedFeatureDataset(feats, gt, paths, variants, meta), None
@@ -401,6 +434,7 @@ def _mismatch_message(cache_path: Path, meta: Dict[str, Any], key: Dict[str, Any
 def _compute_features(fpn_backbone: CacheableBackbone, base: Dataset, base_indices: List[int], variants: List[str],
                       seed: int, cache_path: Optional[Path], batch_size: int, device: Union[str, torch.device],
                       storage_dtype: torch.dtype, num_workers: int, progress: Union[bool, str],
+                      levels: Sequence[str] = FEATURE_LEVELS,
                       ) -> Tuple[Dict[str, Union[torch.Tensor, np.ndarray]], torch.Tensor]:
     """Run the frozen backbone over every image and variant: the features per level (memmaps
     under `cache_path`, else tensors) and the padded ground truth."""
@@ -418,8 +452,10 @@ def _compute_features(fpn_backbone: CacheableBackbone, base: Dataset, base_indic
                            noun="image", mode=_progress_mode(progress))
     with torch.no_grad(), bar:
         for images, gt in loader:
-            feats = fpn_backbone.extract_features(images.to(device))
-            for level in FEATURE_LEVELS:
+            # Without c5 (a tuned last stage recomputes it): its stage does not even run.
+            feats = (fpn_backbone.extract_features(images.to(device)) if "c5" in levels
+                     else fpn_backbone.extract_features(images.to(device), with_c5=False))
+            for level in levels:
                 f = feats[level].detach().to("cpu", storage_dtype)
                 if level not in store:
                     shape = (N * V,) + tuple(f.shape[1:])
@@ -441,11 +477,11 @@ def _finish_cache_files(cache_path: Path, store: Dict[str, np.ndarray], gt_all: 
                         fingerprints: Dict[str, Any]) -> Dict[str, np.ndarray]:
     """Flush the memmaps, write gt_boxes.npy and then meta.json (with checksums; the cache is
     complete from then on) and reopen the features read-only."""
-    for level in FEATURE_LEVELS:
+    for level in store:
         store[level].flush()
     np.save(cache_path / "gt_boxes.npy", gt_all.numpy())
     meta["files"] = fingerprints
     meta["checksums"] = {name: {"size": (cache_path / name).stat().st_size, "crc32": _file_crc32(cache_path / name)}
-                         for name in _CACHE_FILES}
+                         for name in _cache_files(list(store))}
     _write_meta(cache_path, meta)
-    return {k: np.load(cache_path / f"{k}.npy", mmap_mode="r") for k in FEATURE_LEVELS}
+    return {k: np.load(cache_path / f"{k}.npy", mmap_mode="r") for k in store}

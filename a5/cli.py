@@ -28,7 +28,7 @@ from a5.progress import _CLI_ACTIVE, _with_flags, format_bytes, format_duration,
 from a5.data import (
     VOC2007DetectionTiny, VOC_CLASSES, _unwrap_subset, boxes_to_original, load_image_for_inference,
 )
-from a5.cache import FEATURE_LEVELS, _backbone_of, build_feature_cache, collate_cached
+from a5.cache import _backbone_of, build_feature_cache, cached_levels, collate_cached
 from a5.training import (
     CheckpointError, init_distributed, load_checkpoint, load_resumable, numbered_checkpoints,
     save_checkpoint, train_detector,
@@ -221,7 +221,7 @@ def _feature_cache_bytes(detector: nn.Module, image_size: int, items: int) -> Op
         with torch.no_grad():
             feats = backbone.extract_features(torch.zeros(1, 3, image_size, image_size))
         backbone.train(was_training)
-        per_item = sum(int(feats[k][0].numel()) for k in FEATURE_LEVELS) * 2 + 40 * 5 * 4
+        per_item = sum(int(feats[k][0].numel()) for k in cached_levels(backbone)) * 2 + 40 * 5 * 4
         return items * per_item
     except Exception:  # only an estimate for the start-up message
         return None

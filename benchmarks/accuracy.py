@@ -73,10 +73,13 @@ def load_datasets(args: argparse.Namespace):
 
 
 def frozen_backbone(args: argparse.Namespace) -> torch.nn.Module:
-    """The frozen backbone whose features all runs share (its FPN layers are unused)."""
+    """The frozen backbone whose features all runs share (its FPN layers are unused). With
+    --tune-last-stage every run recomputes c5 from the cached c4, so the cache leaves c5 out
+    (``a5_helper.cached_levels``)."""
     import fcos
 
-    return fcos.DetectorBackboneWithFPN(64, backbone=args.backbone, pretrained=args.pretrained, freeze_backbone=True)
+    return fcos.DetectorBackboneWithFPN(64, backbone=args.backbone, pretrained=args.pretrained, freeze_backbone=True,
+                                        tune_last_stage=bool(args.tune_last_stage))
 
 
 def build_cache(backbone: torch.nn.Module, dataset, variants: Sequence[str], cache_dir: Path,

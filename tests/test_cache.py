@@ -172,3 +172,59 @@ def test_folded_inference_follows_the_trained_last_stage():
         feats = model.extract_features(images)
         assert model._folded_backbone() is folded, "no refold for a change of the stage being trained"
         assert torch.allclose(feats["c5"], model.last_stage()(feats["c4"]), atol=1e-5)
+
+
+def test_cache_of_a_tuned_backbone_leaves_out_c5(tiny_voc, tmp_path, capsys):
+    """A backbone that fine-tunes its last stage recomputes c5 from c4 at every step, so its
+    cache stores c3 and c4 only (memory, disk, build time); the FPN outputs are those of
+    the images, c5 included; an explicit `levels` overrides the default, within reason."""
+    import fcos
+
+    torch.manual_seed(0)
+    tuned = fcos.DetectorBackboneWithFPN(8, backbone="mobilenet_v2", pretrained=False, freeze_backbone=True,
+                                         tune_last_stage=True)
+    ds = Subset(h.VOC2007DetectionTiny(tiny_voc, "train", image_size=64), [0, 1, 2])
+    assert h.cached_levels(tuned) == ("c3", "c4") and h.cached_levels(copy.deepcopy(tuned).eval()) == ("c3", "c4")
+    cache = h.build_feature_cache(tuned, ds, variants=("orig", "flip"), storage_dtype=torch.float32,
+                                  cache_dir=tmp_path / "c", progress=False)
+    assert cache.levels == ("c3", "c4") and not (tmp_path / "c" / "c5.npy").exists()
+    _, feats, _ = cache.get_batch([0, 2], [1, 0])
+    assert set(feats) == {"c3", "c4"}
+    base = ds.dataset
+    images = torch.stack([base.get_variant(0, "flip")[1], base.get_variant(2, "orig")[1]])
+    tuned.train()
+    from_cache, from_images = tuned(feats), tuned(images)
+    for level in ("p3", "p4", "p5"):  # (the cache ran the BatchNorm-folded copy: rounding differs)
+        scale = from_images[level].abs().max()
+        torch.testing.assert_close(from_cache[level] / scale, from_images[level] / scale, rtol=0, atol=1e-4)
+    # Reloaded from disk with the same key; a cache of every level is a different key.
+    again = h.build_feature_cache(tuned, ds, variants=("orig", "flip"), storage_dtype=torch.float32,
+                                  cache_dir=tmp_path / "c", progress=True)
+    assert "Loaded feature cache" in capsys.readouterr().out and again.levels == ("c3", "c4")
+    assert json.loads((tmp_path / "c" / "meta.json").read_text())["key"]["levels"] == ["c3", "c4"]
+    with pytest.raises(RuntimeError, match="levels"):
+        h.build_feature_cache(tuned, ds, variants=("orig", "flip"), storage_dtype=torch.float32,
+                              cache_dir=tmp_path / "c", progress=False, on_mismatch="error",
+                              levels=("c5", "c4", "c3"))
+    full = h.build_feature_cache(tuned, ds, variants=("orig",), progress=False, levels=("c5", "c4", "c3"))
+    assert full.levels == ("c3", "c4", "c5") and "levels" not in full.meta["key"]  # keys of older caches
+    # A frozen last stage needs its c5 cached; unknown levels are refused.
+    frozen = fcos.DetectorBackboneWithFPN(8, backbone="mobilenet_v2", pretrained=False, freeze_backbone=True)
+    assert h.cached_levels(frozen) == ("c3", "c4", "c5")
+    for levels in (("c3", "c4"), ("c3", "c4", "c5", "c6")):
+        with pytest.raises(ValueError, match="levels must hold c3, c4"):
+            h.build_feature_cache(frozen, ds, variants=("orig",), progress=False, levels=levels)
+    with pytest.raises(ValueError, match="no 'c5'"):
+        frozen(feats)
+
+
+def test_cache_size_estimate_counts_the_stored_levels():
+    import fcos
+    from a5.cli import _feature_cache_bytes
+
+    kwargs = dict(backbone="mobilenet_v2", pretrained=False, freeze_backbone=True)
+    full = _feature_cache_bytes(fcos.DetectorBackboneWithFPN(8, **kwargs), 64, 10)
+    tuned = _feature_cache_bytes(fcos.DetectorBackboneWithFPN(8, tune_last_stage=True, **kwargs), 64, 10)
+    # MobileNetV2: c3 32 x 8 x 8, c4 96 x 4 x 4, c5 1280 x 2 x 2 at 64 px, fp16, plus the boxes.
+    assert full == 10 * ((32 * 64 + 96 * 16 + 1280 * 4) * 2 + 800)
+    assert tuned == 10 * ((32 * 64 + 96 * 16) * 2 + 800)

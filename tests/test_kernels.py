@@ -188,3 +188,47 @@ def test_folded_batchnorm_backbone(backbone):
     assert all(p.grad is not None for p in trainable.backbone.parameters() if p.requires_grad)
 
 
+
+
+@pytest.mark.part("provided")
+def test_without_outputs_drops_a_tap_and_its_layers():
+    model = DetectorBackboneWithFPN(8, backbone="mobilenet_v2", pretrained=False, freeze_backbone=True)
+    body = model.backbone
+    trunk = kernels.without_outputs(body, ("c5",))
+    images = torch.randn(1, 3, 64, 64)
+    full, cut = dict(body(images)), dict(trunk(images))
+    assert set(cut) == {"c3", "c4"}
+    assert all(torch.equal(cut[k], full[k]) for k in cut)
+    calls = lambda gm: sum(node.op == "call_module" for node in gm.graph.nodes)  # noqa: E731
+    assert calls(trunk) < calls(body), "the layers only c5 needed are gone"
+    assert trunk.get_submodule("features.0.0") is body.get_submodule("features.0.0"), "shared, not copied"
+    assert sum(node.op == "call_module" for node in body.graph.nodes) == calls(body)  # body unchanged
+    with pytest.raises(KeyError, match="c6"):
+        kernels.without_outputs(body, ("c6",))
+
+
+@pytest.mark.part("provided")
+def test_tuned_last_stage_runs_once_per_forward():
+    """With tune_last_stage the folded copy stops at c4 and the live stage computes c5 once:
+    training from images, inference, and not at all for a c3/c4 cache (with_c5=False)."""
+    torch.manual_seed(0)
+    model = DetectorBackboneWithFPN(8, backbone="mobilenet_v2", pretrained=False, freeze_backbone=True,
+                                    tune_last_stage=True)
+    stage_conv = next(m for m in model.last_stage().modules() if isinstance(m, nn.Conv2d))
+    calls = []
+    stage_conv.register_forward_hook(lambda *args: calls.append(1))
+    images = torch.randn(2, 3, 64, 64)
+    feats = model.extract_features(images, with_c5=False)
+    assert set(feats) == {"c3", "c4"} and not calls
+    assert "c5" not in dict(model._folded_backbone()(images))
+    out = model.train()(images)  # grad enabled: c5 with its gradient
+    assert len(calls) == 1
+    out["p5"].sum().backward()
+    assert stage_conv.weight.grad is not None
+    calls.clear()
+    with torch.no_grad():
+        model.eval()(images)
+    assert len(calls) == 1
+    # c5 = the live stage on c4, as before.
+    full = model.extract_features(images)
+    torch.testing.assert_close(full["c5"], model.last_stage()(full["c4"]))
