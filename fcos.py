@@ -416,9 +416,10 @@ class DetectorBackboneWithFPN(nn.Module):
                 stage is then not run: a feature cache stores c3/c4 only).
 
         Returns:
-            Dict with keys "c3", "c4", "c5" of shapes ``(B, C_i, H/s, W/s)``
-            (rounded up) for strides ``s`` = 8, 16, 32. Computed without
-            autograd when the backbone is frozen (nothing to train there).
+            Dict with keys "c3", "c4", "c5" (no "c5" with ``with_c5=False``) of
+            shapes ``(B, C_i, H/s, W/s)`` (rounded up) for strides ``s`` = 8,
+            16, 32. Computed without autograd when the backbone is frozen
+            (nothing to train there).
         """
         if self.freeze_backbone and self.backbone.training:
             # train() keeps a frozen CNN in eval mode, but a deepcopy of the fx

@@ -103,7 +103,7 @@ class CacheableBackbone(Protocol):
     on top of them (not part of the cache key). One with `tune_last_stage` also takes
     `extract_features(images, with_c5=False)` (its cache leaves c5 out)."""
 
-    def extract_features(self, images: torch.Tensor) -> TensorDict: ...
+    def extract_features(self, images: torch.Tensor) -> TensorDict: ...  # (, with_c5: bool = True)
 
 
 @runtime_checkable
@@ -329,6 +329,11 @@ def build_feature_cache(
     if cache_path is not None:
         cache_path.mkdir(parents=True, exist_ok=True)
         (cache_path / "meta.json").unlink(missing_ok=True)  # incomplete until the end
+        # New files, not rewritten ones: a process still reading the old cache keeps its
+        # data (its memory map holds the old file), and no stale level (a c5.npy that this
+        # cache does not store) is left behind.
+        for name in _cache_files(FEATURE_LEVELS):
+            (cache_path / name).unlink(missing_ok=True)
 
     store, gt_all = _compute_features(fpn_backbone, base, base_indices, variants, seed, cache_path, batch_size,
                                       device, storage_dtype, num_workers, progress, levels)

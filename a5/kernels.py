@@ -107,7 +107,8 @@ def without_outputs(body: fx.GraphModule, dropped: Sequence[str]) -> fx.GraphMod
     trunk = fx.GraphModule(body, graph)
     trunk.graph.eliminate_dead_code()  # (needs the owning module: after construction)
     trunk.recompile()
-    return trunk
+    trunk.delete_all_unused_submodules()  # from the trunk's own containers; body keeps its layers
+    return trunk.train(body.training)
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:

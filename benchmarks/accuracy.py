@@ -10,8 +10,9 @@
 One command trains and evaluates every requested (detector, implementation) pair with
 
 * the same data: VOC2007 ``train`` (2500 images) at 224 px; in ``frozen-cache`` mode the
-  frozen backbone's c3/c4/c5 features of every image and variant (``orig``, ``flip``) are
-  computed once by ``a5_helper.build_feature_cache`` and shared by all runs;
+  frozen backbone's features of every image and variant (``--cache-variants``) are computed
+  once by ``a5_helper.build_feature_cache`` and shared by all runs (c3/c4 with
+  ``--tune-last-stage``, whose runs recompute c5; c3/c4/c5 without);
 * the same starting point: ImageNet MobileNetV2 weights (offline in ``TORCH_HOME``), the
   same seed for the new layers' initialisation and for the data order;
 * the same training loop: ``a5_helper.train_detector`` (SGD, warm-up, cosine or step

@@ -5,6 +5,8 @@ the same kept indices; BatchNorm folding and GroupNorm: the same values up to ro
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torchvision
@@ -202,7 +204,10 @@ def test_without_outputs_drops_a_tap_and_its_layers():
     calls = lambda gm: sum(node.op == "call_module" for node in gm.graph.nodes)  # noqa: E731
     assert calls(trunk) < calls(body), "the layers only c5 needed are gone"
     assert trunk.get_submodule("features.0.0") is body.get_submodule("features.0.0"), "shared, not copied"
-    assert sum(node.op == "call_module" for node in body.graph.nodes) == calls(body)  # body unchanged
+    # The trunk holds no layer it does not call; the body keeps all of its own.
+    with pytest.raises(AttributeError):
+        trunk.get_submodule("features.18")
+    assert isinstance(body.get_submodule("features.18"), nn.Module) and trunk.training == body.training
     with pytest.raises(KeyError, match="c6"):
         kernels.without_outputs(body, ("c6",))
 
@@ -232,3 +237,7 @@ def test_tuned_last_stage_runs_once_per_forward():
     # c5 = the live stage on c4, as before.
     full = model.extract_features(images)
     torch.testing.assert_close(full["c5"], model.last_stage()(full["c4"]))
+    # A copy made after the trunk was built computes the same (and its own stage trains).
+    clone = copy.deepcopy(model)
+    torch.testing.assert_close(clone.extract_features(images)["c5"], full["c5"])
+    assert {id(p) for p in clone.last_stage().parameters()} <= {id(p) for p in clone.backbone.parameters()}

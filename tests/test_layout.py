@@ -162,17 +162,26 @@ def _python_blocks(markdown: str) -> List[str]:
 
 
 def _module_attributes(source: str, modules: frozenset) -> List[tuple]:
-    """``(module, name)`` for every ``module.name`` in ``source`` whose module is one of ``modules``."""
+    """``(module, name)`` for every ``module.name`` (also through ``import module as alias``)
+    and every ``from module import name`` in ``source`` whose module is one of ``modules``."""
     tree = ast.parse(source)
-    return [(node.value.id, node.attr) for node in ast.walk(tree)
-            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules]
+    aliases = {alias.asname or alias.name: alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+               for alias in node.names if alias.name in modules}
+    aliases.update({name: name for name in modules})
+    found = [(aliases[node.value.id], node.attr) for node in ast.walk(tree)
+             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases]
+    found += [(node.module, alias.name) for node in ast.walk(tree)
+              if isinstance(node, ast.ImportFrom) and node.module in modules for alias in node.names]
+    return found
 
 
 def test_python_block_scanner_finds_attributes():
-    text = "x\n```python\n  import a5_helper\n  a5_helper.nope(1)\n```\n```bash\na5_helper.skip\n```\n"
+    text = ("x\n```python\n  import a5_helper as H\n  from fcos import FCOS\n  H.nope(1)\n  a5_helper.yes\n```\n"
+            "```bash\na5_helper.skip\n```\n")
     blocks = _python_blocks(text)
     assert len(blocks) == 1
-    assert _module_attributes(blocks[0], frozenset({"a5_helper"})) == [("a5_helper", "nope")]
+    found = _module_attributes(blocks[0], frozenset({"a5_helper", "fcos"}))
+    assert sorted(found) == [("a5_helper", "nope"), ("a5_helper", "yes"), ("fcos", "FCOS")]
 
 
 def test_readme_python_examples_use_names_that_exist():
