@@ -455,11 +455,11 @@ def _compute_features(fpn_backbone: CacheableBackbone, base: Dataset, base_indic
     row = 0
     bar = ProgressReporter(N * V, "caching backbone features", count_format="{n}/{total} images", unit="img",
                            noun="image", mode=_progress_mode(progress))
+    # Without c5 (a tuned last stage recomputes it): its stage does not even run.
+    extract_kwargs = {} if "c5" in levels else {"with_c5": False}
     with torch.no_grad(), bar:
         for images, gt in loader:
-            # Without c5 (a tuned last stage recomputes it): its stage does not even run.
-            feats = (fpn_backbone.extract_features(images.to(device)) if "c5" in levels
-                     else fpn_backbone.extract_features(images.to(device), with_c5=False))
+            feats = fpn_backbone.extract_features(images.to(device), **extract_kwargs)
             for level in levels:
                 f = feats[level].detach().to("cpu", storage_dtype)
                 if level not in store:
